@@ -1,0 +1,3 @@
+"""coserve: one quantized base LLM, many tenants' adapters, co-served fine-tuning."""
+
+__version__ = "0.1.0"

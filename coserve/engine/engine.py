@@ -1,0 +1,255 @@
+"""The engine: scheduler + runner + detokenizer in one step() (LLMEngine), and a
+background thread with an asyncio face (AsyncEngine)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from coserve.engine.detokenizer import IncrementalDetokenizer
+from coserve.engine.loader import load_model
+from coserve.engine.quantize import QuantizeReport, quantize_model
+from coserve.engine.runner import KVCacheLayout, ModelRunner, allocate_kv_cache, plan_kv_cache
+from coserve.engine.stats import RequestStats, StatsListener, StepStats
+from coserve.engine.tokenizer import ModelTokenizer
+from coserve.scheduler.block_manager import BlockManager
+from coserve.scheduler.outputs import SampledToken
+from coserve.scheduler.request import FinishReason, SamplingParams, Sequence
+from coserve.scheduler.scheduler import RequestRejected, Scheduler, SchedulerConfig
+
+log = logging.getLogger("coserve.engine")
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str  # Hugging Face checkpoint directory
+    dtype: str = "bfloat16"  # compute dtype: bfloat16 | float32
+    quantize: str = "none"  # none | int8 | int4
+    int4_group_size: int = 128
+    kv_cache_memory: int = 512 * 2**20  # bytes for the paged KV pool
+    block_size: int = 16
+    max_num_seqs: int = 64
+    max_batch_tokens: int = 2048
+    max_model_len: int | None = None  # default: the model's max_position_embeddings, capped at 8192
+    enable_prefix_caching: bool = True
+    seed: int = 0
+
+
+@dataclass
+class SequenceDelta:
+    """New output of one completion since the last RequestOutput."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[SampledToken]  # one per token in token_ids (when logprobs were asked)
+    finish_reason: str | None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    num_prompt_tokens: int
+    deltas: list[SequenceDelta]
+    finished: bool  # every completion of the request has finished
+    num_cached_tokens: int = 0
+    num_output_tokens: int = 0  # over all completions so far
+    error: str | None = None  # set when the engine failed this request
+
+
+@dataclass
+class _RequestState:
+    request_id: str
+    seqs: list[Sequence]
+    detoks: list[IncrementalDetokenizer]
+    arrival: float
+    first_scheduled: float | None = None
+    first_token: float | None = None
+    last_token: dict[int, float] = field(default_factory=dict)  # seq index -> time of its last token
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    model_dir: str
+    dtype: str
+    quantize: QuantizeReport
+    kv: KVCacheLayout
+    max_model_len: int
+
+
+class LLMEngine:
+    """Synchronous core; one thread only (AsyncEngine owns it)."""
+
+    def __init__(self, config: EngineConfig, stats: StatsListener | None = None):
+        self.config = config
+        dtype = DTYPES[config.dtype]
+        self.tokenizer = ModelTokenizer.from_dir(config.model)
+        self.model = load_model(config.model, dtype)
+        self.quantize_report = quantize_model(self.model, config.quantize, config.int4_group_size)
+        mc = self.model.config
+        max_len = config.max_model_len or min(mc.max_position_embeddings, 8192)
+        layout = plan_kv_cache(mc, config.kv_cache_memory, config.block_size, dtype)
+        self.info = EngineInfo(str(Path(config.model)), config.dtype, self.quantize_report, layout, max_len)
+        self.eos_token_ids = frozenset(mc.eos_token_ids) | self.tokenizer.eos_token_ids
+        sched_config = SchedulerConfig(
+            max_num_seqs=config.max_num_seqs,
+            max_batch_tokens=config.max_batch_tokens,
+            max_model_len=max_len,
+            block_size=config.block_size,
+            enable_prefix_caching=config.enable_prefix_caching,
+        )
+        self.blocks = BlockManager(layout.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(sched_config, self.blocks)
+        self.runner = ModelRunner(self.model, allocate_kv_cache(mc, layout, dtype), config.block_size, config.seed)
+        self.stats = stats
+        self._requests: dict[str, _RequestState] = {}
+
+    # ---- requests ----
+    def check_request(self, num_prompt_tokens: int, params: SamplingParams) -> None:
+        """Raise RequestRejected if the request could never run (thread-safe: reads config only)."""
+        self.scheduler.check_fits(num_prompt_tokens, params.max_tokens)
+
+    def add_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, adapter_id: str | None = None
+    ) -> None:
+        now = time.monotonic()
+        seqs = [
+            Sequence(request_id, i, list(prompt_token_ids), params, adapter_id, now, self.eos_token_ids)
+            for i in range(params.n)
+        ]
+        self.scheduler.add(seqs)
+        detoks = [IncrementalDetokenizer(self.tokenizer, params.stop) for _ in seqs]
+        self._requests[request_id] = _RequestState(request_id, seqs, detoks, now)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        state = self._requests.get(request_id)
+        if state is None:
+            return None
+        self.scheduler.abort(request_id)
+        return self._emit(state, {s.index for s in state.seqs}, {}, time.monotonic())
+
+    def abort_all(self, error: str | None = None) -> list[RequestOutput]:
+        outs = [self.abort(rid) for rid in list(self._requests)]
+        for out in outs:
+            if out is not None:
+                out.error = error
+        return [o for o in outs if o is not None]
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
+    @property
+    def num_active_requests(self) -> int:
+        return len(self._requests)
+
+    # ---- one step ----
+    def step(self) -> list[RequestOutput]:
+        start = time.monotonic()
+        scheduled = self.scheduler.schedule()
+        for seq in self.scheduler.running:
+            state = self._requests.get(seq.request_id)
+            if state is not None and state.first_scheduled is None:
+                state.first_scheduled = start
+        result = self.runner.execute(scheduled)
+        updates = self.scheduler.update(scheduled, result)
+        now = time.monotonic()
+        touched: dict[str, set[int]] = {}
+        new_tokens: dict[str, dict[int, SampledToken]] = {}
+        itls, ttfts = [], []
+        for up in updates:
+            seq = up.seq
+            state = self._requests.get(seq.request_id)
+            if state is None or up.sampled is None:
+                continue
+            detok = state.detoks[seq.index]
+            detok.add(up.sampled.token_id)
+            if detok.stopped:
+                self.scheduler.finish(seq, FinishReason.STOP)
+            previous = state.last_token.get(seq.index)
+            if previous is None:
+                ttfts.append(now - state.arrival)
+                state.first_token = state.first_token or now
+            else:
+                itls.append(now - previous)
+            state.last_token[seq.index] = now
+            touched.setdefault(seq.request_id, set()).add(seq.index)
+            new_tokens.setdefault(seq.request_id, {})[seq.index] = up.sampled
+        outputs = [self._emit(self._requests[rid], idx, new_tokens[rid], now) for rid, idx in touched.items()]
+        if self.stats is not None and not scheduled.is_empty:
+            self.stats.on_step(
+                StepStats(
+                    step_time_s=now - start,
+                    num_tokens=scheduled.num_tokens,
+                    num_running=self.scheduler.num_requests_running,
+                    num_waiting=self.scheduler.num_requests_waiting,
+                    kv_usage=self.blocks.usage,
+                    num_preempted=scheduled.num_preempted,
+                    prefix_hit_rate=self.blocks.prefix_hit_rate,
+                    inter_token_latencies_s=itls,
+                    time_to_first_token_s=ttfts,
+                    num_generated_tokens=len(itls) + len(ttfts),
+                    running_adapters=sorted(self.scheduler.running_adapters()),
+                    waiting_adapters=sorted(self.scheduler.waiting_adapters()),
+                )
+            )
+        return outputs
+
+    def _emit(
+        self, state: _RequestState, indices: set[int], sampled: dict[int, SampledToken], now: float
+    ) -> RequestOutput:
+        deltas = []
+        for i in sorted(indices):
+            seq = state.seqs[i]
+            token = sampled.get(i)
+            text = state.detoks[i].take(final=seq.is_finished)
+            reason = seq.finish_reason.value if seq.finish_reason else None
+            if token is None and not text and reason is None:
+                continue
+            deltas.append(
+                SequenceDelta(
+                    index=i,
+                    text=text,
+                    token_ids=[token.token_id] if token else [],
+                    logprobs=[token] if token and token.logprob is not None else [],
+                    finish_reason=reason,
+                )
+            )
+        finished = all(s.is_finished for s in state.seqs)
+        out = RequestOutput(
+            request_id=state.request_id,
+            num_prompt_tokens=state.seqs[0].num_prompt_tokens,
+            deltas=deltas,
+            finished=finished,
+            num_cached_tokens=state.seqs[0].num_cached_prompt_tokens,
+            num_output_tokens=sum(len(s.output_token_ids) for s in state.seqs),
+        )
+        if finished:
+            del self._requests[state.request_id]
+            if self.stats is not None:
+                self.stats.on_request_done(_request_stats(state, now, out))
+        return out
+
+
+def _request_stats(state: _RequestState, now: float, out: RequestOutput) -> RequestStats:
+    first_scheduled = state.first_scheduled or now
+    first_token = state.first_token or now
+    reasons = [s.finish_reason.value for s in state.seqs if s.finish_reason]
+    return RequestStats(
+        finish_reason=reasons[0] if reasons else FinishReason.ABORT.value,
+        queue_time_s=first_scheduled - state.arrival,
+        prefill_time_s=first_token - first_scheduled,
+        decode_time_s=now - first_token,
+        e2e_latency_s=now - state.arrival,
+        num_prompt_tokens=out.num_prompt_tokens,
+        num_generated_tokens=out.num_output_tokens,
+    )
+
+
+__all__ = ["EngineConfig", "LLMEngine", "RequestOutput", "RequestRejected", "SequenceDelta"]

@@ -1,0 +1,136 @@
+"""Causal attention over a paged KV cache.
+
+Semantics (both implementations):
+    A step's batch is a flat run of T query tokens from S sequences. Sequence s
+    owns rows [query_start[s], query_start[s] + query_len[s]) of q, and after
+    this step its first context_len[s] positions have K/V in the cache, laid
+    out through its block table: position p lives in block
+    block_tables[s, p // block_size] at offset p % block_size. Query row i of
+    sequence s sits at absolute position context_len[s] - query_len[s] + i
+    and attends to cached positions 0..that position (causal).
+
+    q:        [T, H, D]             compute dtype
+    k_cache:  [NB, BS, Hkv, D]      H % Hkv == 0 (grouped-query attention)
+    v_cache:  [NB, BS, Hkv, D]
+    returns   [T, H, D]             softmax(q k^T * scale) v per sequence
+
+`write_kv` stores the step's new K/V ([T, Hkv, D]) at `slot_mapping` ([T],
+slot = block * BS + offset) before attention reads them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionMetadata:
+    """Where each sequence's rows and cached K/V are. Built once per step, shared by all layers."""
+
+    slot_mapping: torch.Tensor  # [T] int64: cache slot of each new token
+    query_starts: list[int]  # [S] first row of each sequence in the flat batch
+    query_lens: list[int]  # [S] rows of each sequence this step
+    context_lens: list[int]  # [S] cached positions after this step (includes the new rows)
+    block_tables: torch.Tensor  # [S, max_blocks] int64, padded with 0
+    # Decode fast path: sequences with exactly one query row, batched together.
+    decode_seqs: torch.Tensor  # [Sd] int64 indices into the S sequences
+    decode_rows: torch.Tensor  # [Sd] int64 their rows in the flat batch
+    decode_context_lens: torch.Tensor  # [Sd] int64
+
+    @classmethod
+    def build(
+        cls,
+        query_lens: list[int],
+        start_positions: list[int],
+        block_tables: list[list[int]],
+        block_size: int,
+    ) -> AttentionMetadata:
+        query_starts, slots, row = [], [], 0
+        for qlen, start, table in zip(query_lens, start_positions, block_tables):
+            query_starts.append(row)
+            row += qlen
+            for pos in range(start, start + qlen):
+                slots.append(table[pos // block_size] * block_size + pos % block_size)
+        context_lens = [s + q for s, q in zip(start_positions, query_lens)]
+        max_blocks = max((len(t) for t in block_tables), default=1)
+        padded = [t + [0] * (max_blocks - len(t)) for t in block_tables]
+        decode = [i for i, q in enumerate(query_lens) if q == 1]
+        return cls(
+            slot_mapping=torch.tensor(slots, dtype=torch.long),
+            query_starts=query_starts,
+            query_lens=list(query_lens),
+            context_lens=context_lens,
+            block_tables=torch.tensor(padded, dtype=torch.long).reshape(len(padded), max_blocks),
+            decode_seqs=torch.tensor(decode, dtype=torch.long),
+            decode_rows=torch.tensor([query_starts[i] for i in decode], dtype=torch.long),
+            decode_context_lens=torch.tensor([context_lens[i] for i in decode], dtype=torch.long),
+        )
+
+
+def write_kv(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Store new K/V rows ([T, Hkv, D]) at their cache slots ([T])."""
+    num_blocks, block_size, hkv, d = k_cache.shape
+    k_cache.view(num_blocks * block_size, hkv, d).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(num_blocks * block_size, hkv, d).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+
+def _gather_context(cache: torch.Tensor, table: torch.Tensor, length: int) -> torch.Tensor:
+    """[NB, BS, Hkv, D] + block table [nb] -> the first `length` positions, [length, Hkv, D]."""
+    return cache[table].flatten(0, 1)[:length]
+
+
+def paged_attention_ref(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+) -> torch.Tensor:
+    """Reference: one sequence and one query row at a time, explicit float32 softmax."""
+    num_heads, num_kv = q.shape[1], k_cache.shape[2]
+    group = num_heads // num_kv
+    out = torch.empty_like(q)
+    for s, (start, qlen, ctx) in enumerate(zip(meta.query_starts, meta.query_lens, meta.context_lens)):
+        table = meta.block_tables[s]
+        k = _gather_context(k_cache, table, ctx).float().repeat_interleave(group, dim=1)  # [ctx, H, D]
+        v = _gather_context(v_cache, table, ctx).float().repeat_interleave(group, dim=1)
+        for i in range(qlen):
+            pos = ctx - qlen + i
+            scores = torch.einsum("hd,lhd->hl", q[start + i].float(), k[: pos + 1]) * scale  # [H, pos+1]
+            out[start + i] = torch.einsum("hl,lhd->hd", scores.softmax(-1), v[: pos + 1]).to(q.dtype)
+    return out
+
+
+def paged_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+) -> torch.Tensor:
+    """Fast path: all single-row (decode) sequences in one padded SDPA call, the others one call each."""
+    out = torch.empty_like(q)
+    if meta.decode_seqs.numel():
+        tables = meta.block_tables[meta.decode_seqs]  # [Sd, MB]
+        sd, mb = tables.shape
+        bs = k_cache.shape[1]
+        k = k_cache[tables].flatten(1, 2).transpose(1, 2)  # [Sd, Hkv, MB*BS, D]
+        v = v_cache[tables].flatten(1, 2).transpose(1, 2)
+        valid = torch.arange(mb * bs) < meta.decode_context_lens[:, None]  # [Sd, L]
+        qd = q[meta.decode_rows].unsqueeze(2)  # [Sd, H, 1, D]
+        o = F.scaled_dot_product_attention(
+            qd, k, v, attn_mask=valid[:, None, None, :], scale=scale, enable_gqa=True
+        )  # [Sd, H, 1, D]
+        out[meta.decode_rows] = o.squeeze(2)
+    for s, (start, qlen, ctx) in enumerate(zip(meta.query_starts, meta.query_lens, meta.context_lens)):
+        if qlen == 1:
+            continue
+        table = meta.block_tables[s]
+        k = _gather_context(k_cache, table, ctx).transpose(0, 1)  # [Hkv, ctx, D]
+        v = _gather_context(v_cache, table, ctx).transpose(0, 1)
+        qs = q[start : start + qlen].transpose(0, 1)  # [H, qlen, D]
+        if ctx == qlen:
+            o = F.scaled_dot_product_attention(qs, k, v, is_causal=True, scale=scale, enable_gqa=True)
+        else:
+            rows = torch.arange(ctx - qlen, ctx)[:, None]
+            mask = torch.arange(ctx)[None, :] <= rows  # [qlen, ctx]
+            o = F.scaled_dot_product_attention(qs, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+        out[start : start + qlen] = o.transpose(0, 1)
+    return out

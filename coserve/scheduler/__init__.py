@@ -1,0 +1,1 @@
+"""Token-level scheduler: request state, paged-KV bookkeeping, batching policy. No torch."""
