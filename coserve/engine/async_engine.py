@@ -47,6 +47,7 @@ class AsyncEngine:
         self.dead_reason: str | None = None
         self.last_heartbeat = time.monotonic()
         self.num_steps = 0
+        self.num_running = 0  # requests running after the last step (read by other threads)
 
     # ---- lifecycle ----
     def start(self) -> None:
@@ -160,5 +161,6 @@ class AsyncEngine:
                     return
                 continue
             self.num_steps += 1
+            self.num_running = self.engine.scheduler.num_requests_running
             for out in outputs:
                 self._deliver(out, out.request_id)

@@ -1,0 +1,145 @@
+"""The FastAPI app: middleware (request ids, body cap), errors, health, readiness, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from coserve.engine.async_engine import AsyncEngine
+from coserve.scheduler.request import SamplingParams
+from coserve.server.metrics import Metrics
+from coserve.server.openai_routes import router as openai_router
+from coserve.server.schemas import error_body
+from coserve.server.state import ApiError, ServerState
+from coserve.settings import ServerConfig
+
+log = logging.getLogger("coserve.server")
+
+
+class RequestIdAndBodyLimit:
+    """Pure ASGI middleware (keeps streaming and disconnect detection intact):
+    tags every response with x-request-id and answers 413 to bodies over the cap."""
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int):
+        self.app, self.max_body_bytes = app, max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        request_id = headers.get(b"x-request-id", b"").decode("latin-1")[:128] or uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        too_large = error_body(f"request body exceeds {self.max_body_bytes} bytes", "invalid_request_error",
+                               None, 413)
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
+            response = JSONResponse(too_large, status_code=413, headers={"x-request-id": request_id})
+            return await response(scope, receive, send)
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    raise ApiError(413, too_large["error"]["message"])
+            return message
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", [])
+                message["headers"] = list(message["headers"]) + [(b"x-request-id", request_id.encode())]
+            await send(message)
+
+        await self.app(scope, limited_receive, send_with_id)
+
+
+def _param_of(loc: tuple) -> str:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path")]
+    return ".".join(parts) if parts else "body"
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, exc: ApiError):
+        return JSONResponse(error_body(exc.message, exc.type, exc.param, exc.status), exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        param = _param_of(tuple(first.get("loc", ())))
+        message = f"{param}: {first.get('msg')}"
+        return JSONResponse(error_body(message, "invalid_request_error", param, 400), 400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException):
+        return JSONResponse(error_body(str(exc.detail), "invalid_request_error", None, exc.status_code),
+                            exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, exc: Exception):
+        log.exception("unhandled error")
+        return JSONResponse(error_body(f"internal error: {type(exc).__name__}", "internal_error", None, 500), 500)
+
+
+async def warm_up(st: ServerState) -> None:
+    """A real one-token generation; readiness turns true only after it succeeds."""
+    prompt = st.tokenizer.encode("Hello") or [0]
+    async for out in st.engine.generate(f"warmup-{uuid.uuid4().hex}", prompt, SamplingParams(max_tokens=1)):
+        if out.error:
+            raise RuntimeError(out.error)
+    st.ready = True
+    log.info("warm-up generation succeeded; ready")
+
+
+def create_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
+    """The app around an AsyncEngine that is already built (not yet started)."""
+    metrics = Metrics(config.served_model_name)
+    engine.engine.stats = metrics
+    st = ServerState(engine, engine.engine.tokenizer, config, metrics, engine.engine.info.max_model_len)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if not engine.alive and engine.dead_reason is None:
+            engine.start()
+        await warm_up(st)
+        yield
+        st.draining = True
+        engine.abort_all()
+        await asyncio.sleep(0.05)
+        engine.stop()
+
+    app = FastAPI(title="coserve", lifespan=lifespan)
+    app.state.coserve = st
+    install_error_handlers(app)
+    app.include_router(openai_router)
+
+    @app.get("/health")
+    async def health():
+        if not engine.alive:
+            return JSONResponse({"status": "dead", "reason": engine.dead_reason}, 503)
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready():
+        if st.draining:
+            return JSONResponse({"status": "draining"}, 503)
+        if not st.ready or not engine.alive:
+            return JSONResponse({"status": "starting" if engine.alive else "dead"}, 503)
+        return {"status": "ready"}
+
+    @app.get("/metrics")
+    async def metrics_endpoint():
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    app.add_middleware(RequestIdAndBodyLimit, max_body_bytes=config.max_body_bytes)
+    return app

@@ -1,0 +1,133 @@
+"""All settings of `coserve serve`: CLI flags > COSERVE_* environment > YAML file (--config) > defaults.
+
+One pydantic-settings object; `engine_config()` and `server_config()` cut it into
+the frozen per-component dataclasses the components take.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
+
+from coserve.engine.engine import EngineConfig
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
+          "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
+
+
+def parse_size(value: Any) -> int:
+    """'512MiB', '2GB', '1e6' or a plain integer -> bytes."""
+    if isinstance(value, int):
+        return value
+    match = _SIZE.match(str(value))
+    if not match:
+        raise ValueError(f"not a size: {value!r} (examples: 512MiB, 2GiB, 1000000)")
+    number, unit = match.groups()
+    return int(float(number) * _UNITS[(unit or "").lower()])
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str
+    port: int
+    served_model_name: str
+    max_queued_requests: int
+    shutdown_timeout: float
+    max_n: int
+    max_stop_sequences: int
+    max_stop_length: int
+    max_top_logprobs: int
+    max_body_bytes: int
+
+
+class ServeSettings(BaseSettings):
+    """Every field is a `coserve serve --flag`, a COSERVE_FLAG variable, or a key of the YAML file."""
+
+    model_config = SettingsConfigDict(env_prefix="COSERVE_", extra="forbid", yaml_file=None)
+
+    model: str | None = Field(None, description="Hugging Face checkpoint directory (default: demo-small in data-dir)")
+    served_model_name: str | None = Field(None, description="model id clients use (default: the directory's name)")
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="port to listen on")
+    quantize: Literal["none", "int8", "int4"] = Field("none", description="weight-only quantization of the base")
+    int4_group_size: Literal[32, 64, 128] = Field(128, description="int4 group size")
+    dtype: Literal["bfloat16", "float32"] = Field("bfloat16", description="compute dtype")
+    data_dir: Path = Field(Path("data"), description="where the demo model and local state live")
+    max_model_len: int | None = Field(None, ge=16, description="context window (default: the model's, <= 8192)")
+    max_num_seqs: int = Field(64, ge=1, description="sequences running at once")
+    max_batch_tokens: int = Field(2048, ge=16, description="tokens computed per engine step")
+    kv_cache_memory: int = Field(512 * 2**20, description="bytes for the paged KV cache (e.g. 512MiB, 2GiB)")
+    block_size: int = Field(16, ge=1, description="tokens per KV block")
+    enable_prefix_caching: bool = Field(True, description="share KV blocks of identical prompt prefixes")
+    max_queued_requests: int = Field(256, ge=0, description="waiting requests beyond which new ones get 503")
+    shutdown_timeout: float = Field(30.0, ge=0, description="seconds in-flight requests get to finish on SIGTERM")
+    max_n: int = Field(16, ge=1, description="cap on n")
+    max_stop_sequences: int = Field(8, ge=0, description="cap on the number of stop strings")
+    max_stop_length: int = Field(256, ge=1, description="cap on one stop string's length")
+    max_top_logprobs: int = Field(20, ge=0, description="cap on logprobs / top_logprobs")
+    max_body_bytes: int = Field(4 * 2**20, description="cap on a request body (413 beyond)")
+    seed: int = Field(0, description="seed of the shared sampler for unseeded requests")
+    log_level: str = Field("info", description="debug | info | warning | error")
+
+    @field_validator("kv_cache_memory", "max_body_bytes", mode="before")
+    @classmethod
+    def _sizes(cls, value: Any) -> int:
+        return parse_size(value)
+
+    @classmethod
+    def settings_customise_sources(
+        cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        yaml_file = cls.model_config.get("yaml_file")
+        if yaml_file:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=yaml_file))
+        return tuple(sources)
+
+    @classmethod
+    def load(cls, config_file: str | Path | None = None, **flags: Any) -> ServeSettings:
+        """Build settings from explicit flags (None = not given), the environment and a YAML file."""
+        given = {k: v for k, v in flags.items() if v is not None}
+        if config_file is None:
+            return cls(**given)
+        if not Path(config_file).is_file():
+            raise FileNotFoundError(f"config file {config_file} does not exist")
+        scoped = type("ServeSettingsFromFile", (cls,), {
+            "model_config": SettingsConfigDict(**{**cls.model_config, "yaml_file": str(config_file)}),
+        })
+        return scoped(**given)
+
+    def engine_config(self, model_dir: str) -> EngineConfig:
+        return EngineConfig(
+            model=model_dir,
+            dtype=self.dtype,
+            quantize=self.quantize,
+            int4_group_size=self.int4_group_size,
+            kv_cache_memory=self.kv_cache_memory,
+            block_size=self.block_size,
+            max_num_seqs=self.max_num_seqs,
+            max_batch_tokens=self.max_batch_tokens,
+            max_model_len=self.max_model_len,
+            enable_prefix_caching=self.enable_prefix_caching,
+            seed=self.seed,
+        )
+
+    def server_config(self, model_dir: str) -> ServerConfig:
+        return ServerConfig(
+            host=self.host,
+            port=self.port,
+            served_model_name=self.served_model_name or Path(model_dir).name,
+            max_queued_requests=self.max_queued_requests,
+            shutdown_timeout=self.shutdown_timeout,
+            max_n=self.max_n,
+            max_stop_sequences=self.max_stop_sequences,
+            max_stop_length=self.max_stop_length,
+            max_top_logprobs=self.max_top_logprobs,
+            max_body_bytes=self.max_body_bytes,
+        )
