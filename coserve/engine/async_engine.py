@@ -118,11 +118,15 @@ class AsyncEngine:
                 pass
 
     def _apply_commands(self) -> None:
+        applied = False
         while True:
             try:
                 command = self._commands.get_nowait()
             except queue.Empty:
+                if applied:
+                    self.engine.publish_load()
                 return
+            applied = True
             kind = command[0]
             if kind == "add":
                 _, request_id, prompt, params, adapter_id = command

@@ -141,6 +141,12 @@ class LLMEngine:
                 out.error = error
         return [o for o in outs if o is not None]
 
+    def publish_load(self) -> None:
+        """Report running/waiting counts and KV use (after aborts, when no step follows)."""
+        if self.stats is not None:
+            s = self.scheduler
+            self.stats.set_load(s.num_requests_running, s.num_requests_waiting, self.blocks.usage)
+
     @property
     def has_work(self) -> bool:
         return self.scheduler.has_work
