@@ -63,13 +63,17 @@ def train_tokenizer(vocab_size: int, corpus_bytes: int) -> Tokenizer:
 def random_llama_weights(cfg: dict, seed: int) -> dict[str, torch.Tensor]:
     """Hugging Face-named tensors, normal(0, 0.02) like transformers' init, norms at one."""
     gen = torch.Generator().manual_seed(seed)
-    h, inter, heads, kv = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    h, inter = cfg["hidden_size"], cfg["intermediate_size"]
+    heads, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     d = h // heads
 
     def normal(*shape: int) -> torch.Tensor:
         return (torch.randn(*shape, generator=gen) * 0.02).to(torch.bfloat16)
 
-    weights = {"model.embed_tokens.weight": normal(cfg["vocab_size"], h), "model.norm.weight": torch.ones(h, dtype=torch.bfloat16)}
+    weights = {
+        "model.embed_tokens.weight": normal(cfg["vocab_size"], h),
+        "model.norm.weight": torch.ones(h, dtype=torch.bfloat16),
+    }
     for i in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}."
         weights.update({

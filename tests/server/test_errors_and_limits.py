@@ -57,7 +57,8 @@ def test_unknown_model_is_404(server):
 
 def test_missing_field_and_bad_json(server):
     assert_error(post(server, "/v1/completions", {"model": "demo-tiny"}), 400, "prompt")
-    resp = httpx.post(server.url + "/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+    headers = {"content-type": "application/json"}
+    resp = httpx.post(server.url + "/v1/completions", content=b"{not json", headers=headers)
     assert resp.status_code == 400 and "error" in resp.json()
 
 
