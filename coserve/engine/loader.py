@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from coserve.engine.model import CausalLM, ModelConfig, rope_inv_freq
+from coserve.engine.model import PACKED_MODULES, CausalLM, ModelConfig, rope_inv_freq
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -33,6 +33,17 @@ def weight_files(model_dir: Path) -> list[Path]:
     raise FileNotFoundError(f"{model_dir} has no model.safetensors nor model.safetensors.index.json")
 
 
+def _packed_target(key: str) -> tuple[str, int] | None:
+    """'...self_attn.k_proj.weight' -> ('...self_attn.qkv_proj.weight', 1): fused name and part index."""
+    parts = key.split(".")
+    if len(parts) < 2:
+        return None
+    for fused, members in PACKED_MODULES.items():
+        if parts[-2] in members:
+            return ".".join(parts[:-2] + [fused, parts[-1]]), members.index(parts[-2])
+    return None
+
+
 def load_model(model_dir: str | Path, dtype: torch.dtype = torch.bfloat16) -> CausalLM:
     """Build the model on the meta device, then assign tensors read from memory-mapped safetensors."""
     model_dir = Path(model_dir)
@@ -41,14 +52,24 @@ def load_model(model_dir: str | Path, dtype: torch.dtype = torch.bfloat16) -> Ca
         model = CausalLM(config)
     expected = set(model.state_dict().keys())
     state: dict[str, torch.Tensor] = {}
+    packed: dict[str, dict[int, torch.Tensor]] = {}
     for file in weight_files(model_dir):
         with safe_open(str(file), framework="pt") as f:
             for key in f.keys():
                 if key.endswith(_IGNORED_SUFFIXES):
                     continue
-                if key not in expected:
+                target = _packed_target(key)
+                if target is not None and target[0] in expected:
+                    packed.setdefault(target[0], {})[target[1]] = f.get_tensor(key).to(dtype)
+                elif key in expected:
+                    state[key] = f.get_tensor(key).to(dtype)
+                else:
                     raise ValueError(f"{file.name}: unexpected tensor {key!r} for a {config.model_type} model")
-                state[key] = f.get_tensor(key).to(dtype)
+    for fused, parts in packed.items():
+        count = len(PACKED_MODULES[fused.split(".")[-2]])
+        if len(parts) != count:
+            raise ValueError(f"checkpoint lacks part of {fused!r} ({len(parts)} of {count} projections)")
+        state[fused] = torch.cat([parts[i] for i in range(count)], dim=0)
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
         expected.discard("lm_head.weight")

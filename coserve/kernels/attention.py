@@ -39,6 +39,8 @@ class AttentionMetadata:
     decode_seqs: torch.Tensor  # [Sd] int64 indices into the S sequences
     decode_rows: torch.Tensor  # [Sd] int64 their rows in the flat batch
     decode_context_lens: torch.Tensor  # [Sd] int64
+    decode_block_tables: torch.Tensor  # [Sd, max_blocks] int64
+    decode_mask: torch.Tensor  # [Sd, 1, 1, max_blocks * block_size] bool: cached positions to attend
 
     @classmethod
     def build(
@@ -58,15 +60,21 @@ class AttentionMetadata:
         max_blocks = max((len(t) for t in block_tables), default=1)
         padded = [t + [0] * (max_blocks - len(t)) for t in block_tables]
         decode = [i for i, q in enumerate(query_lens) if q == 1]
+        tables = torch.tensor(padded, dtype=torch.long).reshape(len(padded), max_blocks)
+        decode_idx = torch.tensor(decode, dtype=torch.long)
+        decode_ctx = torch.tensor([context_lens[i] for i in decode], dtype=torch.long)
+        decode_mask = torch.arange(max_blocks * block_size) < decode_ctx[:, None]
         return cls(
             slot_mapping=torch.tensor(slots, dtype=torch.long),
             query_starts=query_starts,
             query_lens=list(query_lens),
             context_lens=context_lens,
-            block_tables=torch.tensor(padded, dtype=torch.long).reshape(len(padded), max_blocks),
-            decode_seqs=torch.tensor(decode, dtype=torch.long),
+            block_tables=tables,
+            decode_seqs=decode_idx,
             decode_rows=torch.tensor([query_starts[i] for i in decode], dtype=torch.long),
-            decode_context_lens=torch.tensor([context_lens[i] for i in decode], dtype=torch.long),
+            decode_context_lens=decode_ctx,
+            decode_block_tables=tables[decode_idx],
+            decode_mask=decode_mask[:, None, None, :],
         )
 
 
@@ -81,7 +89,7 @@ def write_kv(
 
 def _gather_context(cache: torch.Tensor, table: torch.Tensor, length: int) -> torch.Tensor:
     """[NB, BS, Hkv, D] + block table [nb] -> the first `length` positions, [length, Hkv, D]."""
-    return cache[table].flatten(0, 1)[:length]
+    return cache.index_select(0, table).flatten(0, 1)[:length]
 
 
 def paged_attention_ref(
@@ -102,35 +110,51 @@ def paged_attention_ref(
     return out
 
 
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """Grouped attention, eager style: q k^T in the compute dtype, softmax in float32.
+
+    q [B, Hkv, G*Q, D], k and v [B, Hkv, L, D], mask broadcastable to [B, Hkv, G*Q, L] (True = attend)
+    -> [B, Hkv, G*Q, D]. On the CPU this beats SDPA's masked path by 2-10x for batched decode.
+    """
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale
+    probs = scores.masked_fill(~mask, float("-inf")).softmax(-1).to(v.dtype)
+    return torch.matmul(probs, v)
+
+
 def paged_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
 ) -> torch.Tensor:
-    """Fast path: all single-row (decode) sequences in one padded SDPA call, the others one call each."""
+    """Fast path: all single-row (decode) sequences in one padded batch, the others one at a time."""
     out = torch.empty_like(q)
-    if meta.decode_seqs.numel():
-        tables = meta.block_tables[meta.decode_seqs]  # [Sd, MB]
-        sd, mb = tables.shape
-        bs = k_cache.shape[1]
-        k = k_cache[tables].flatten(1, 2).transpose(1, 2)  # [Sd, Hkv, MB*BS, D]
-        v = v_cache[tables].flatten(1, 2).transpose(1, 2)
-        valid = torch.arange(mb * bs) < meta.decode_context_lens[:, None]  # [Sd, L]
-        qd = q[meta.decode_rows].unsqueeze(2)  # [Sd, H, 1, D]
-        o = F.scaled_dot_product_attention(
-            qd, k, v, attn_mask=valid[:, None, None, :], scale=scale, enable_gqa=True
-        )  # [Sd, H, 1, D]
-        out[meta.decode_rows] = o.squeeze(2)
+    num_heads, d = q.shape[1], q.shape[2]
+    num_kv = k_cache.shape[2]
+    group = num_heads // num_kv
+    sd = meta.decode_seqs.numel()
+    if sd == 1:  # a lone decode: exact-length context, float32 SDPA (no mask needed)
+        row, ctx = int(meta.decode_rows[0]), int(meta.decode_context_lens[0])
+        table = meta.decode_block_tables[0]
+        k = _gather_context(k_cache, table, ctx).transpose(0, 1).float()  # [Hkv, ctx, D]
+        v = _gather_context(v_cache, table, ctx).transpose(0, 1).float()
+        qd = q[row].view(num_kv, group, d).float()  # [Hkv, G, D]
+        o = F.scaled_dot_product_attention(qd, k, v, scale=scale)  # [Hkv, G, D]
+        out[row] = o.reshape(num_heads, d).to(q.dtype)
+    elif sd > 1:  # batched decodes, padded to the longest context and masked
+        flat = meta.decode_block_tables.flatten()  # [Sd * MB]
+        k = k_cache.index_select(0, flat).view(sd, -1, num_kv, d).transpose(1, 2)  # [Sd, Hkv, MB*BS, D]
+        v = v_cache.index_select(0, flat).view(sd, -1, num_kv, d).transpose(1, 2)
+        qd = q[meta.decode_rows].view(sd, num_kv, group, d)  # [Sd, Hkv, G, D]
+        o = _attend(qd, k, v, meta.decode_mask, scale)  # [Sd, Hkv, G, D]
+        out[meta.decode_rows] = o.reshape(sd, num_heads, d)
     for s, (start, qlen, ctx) in enumerate(zip(meta.query_starts, meta.query_lens, meta.context_lens)):
         if qlen == 1:
             continue
         table = meta.block_tables[s]
         k = _gather_context(k_cache, table, ctx).transpose(0, 1)  # [Hkv, ctx, D]
         v = _gather_context(v_cache, table, ctx).transpose(0, 1)
-        qs = q[start : start + qlen].transpose(0, 1)  # [H, qlen, D]
-        if ctx == qlen:
-            o = F.scaled_dot_product_attention(qs, k, v, is_causal=True, scale=scale, enable_gqa=True)
-        else:
-            rows = torch.arange(ctx - qlen, ctx)[:, None]
-            mask = torch.arange(ctx)[None, :] <= rows  # [qlen, ctx]
-            o = F.scaled_dot_product_attention(qs, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
-        out[start : start + qlen] = o.transpose(0, 1)
+        qs = q[start : start + qlen].view(qlen, num_kv, group, d).permute(1, 2, 0, 3)  # [Hkv, G, qlen, D]
+        qs = qs.reshape(num_kv, group * qlen, d)
+        rows = torch.arange(ctx - qlen, ctx)[:, None]
+        causal = (torch.arange(ctx)[None, :] <= rows).repeat(group, 1)  # [G*qlen, ctx]
+        o = _attend(qs, k, v, causal, scale)  # [Hkv, G*qlen, D]
+        out[start : start + qlen] = o.view(num_kv, group, qlen, d).permute(2, 0, 1, 3).reshape(qlen, num_heads, d)
     return out

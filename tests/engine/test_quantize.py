@@ -45,7 +45,7 @@ def test_quantized_model_logit_error_is_bounded(hf_llama, mode, max_rel_err):
     base = load_model(hf_llama, torch.float32)
     quant = load_model(hf_llama, torch.float32)
     report = quantize_model(quant, mode, group_size=64)
-    assert report.num_quantized == 14 and report.num_kept == 0  # 7 linears x 2 layers
+    assert report.num_quantized == 8 and report.num_kept == 0  # qkv, o, gate_up, down x 2 layers
     ref, got = _prefill_logits(base, tokens), _prefill_logits(quant, tokens)
     rel = ((got - ref).norm() / ref.norm()).item()
     assert rel <= max_rel_err
@@ -79,7 +79,7 @@ def test_int4_in_bfloat16_and_embeddings_untouched(hf_llama):
     report = quantize_model(model, "int4", group_size=128)
     assert isinstance(model.model.layers[0].mlp.down_proj, Int4Linear)
     assert model.model.layers[0].mlp.down_proj.group_size == 128  # K=128
-    assert model.model.layers[0].self_attn.q_proj.group_size == 64  # K=64: falls back to a dividing group
+    assert model.model.layers[0].self_attn.qkv_proj.group_size == 64  # K=64: falls back to a dividing group
     assert isinstance(model.lm_head, nn.Linear) and model.lm_head.weight.dtype == torch.bfloat16
     assert model.model.embed_tokens.weight.dtype == torch.bfloat16
     assert report.linear_bytes > 0
