@@ -73,6 +73,7 @@ class ServeSettings(BaseSettings):
     max_top_logprobs: int = Field(20, ge=0, description="cap on logprobs / top_logprobs")
     max_body_bytes: int = Field(4 * 2**20, description="cap on a request body (413 beyond)")
     seed: int = Field(0, description="seed of the shared sampler for unseeded requests")
+    torch_threads: int = Field(0, ge=0, description="intra-op threads for the engine (0: torch's default)")
     log_level: str = Field("info", description="debug | info | warning | error")
 
     @field_validator("kv_cache_memory", "max_body_bytes", mode="before")

@@ -1,4 +1,8 @@
-"""The engine loop in its own thread, with an asyncio interface.
+"""The engine loop, with an asyncio interface for callers on other threads.
+
+The loop runs either in a background thread (`start()`, used by tests and embedders) or
+in the calling thread (`run()`, used by `coserve serve` for the main thread: PyTorch's
+OpenMP pool runs CPU kernels markedly faster from the main thread).
 
 `generate()` returns an async iterator of RequestOutput. Closing it early (the
 client went away) aborts the request: the loop frees its blocks before the
@@ -43,7 +47,8 @@ class AsyncEngine:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="coserve-engine", daemon=True)
+        self._thread: threading.Thread | None = None
+        self._running = threading.Event()
         self.dead_reason: str | None = None
         self.last_heartbeat = time.monotonic()
         self.num_steps = 0
@@ -51,16 +56,32 @@ class AsyncEngine:
 
     # ---- lifecycle ----
     def start(self) -> None:
+        """Run the loop in a background thread."""
+        self._thread = threading.Thread(target=self.run, name="coserve-engine", daemon=True)
         self._thread.start()
+        self._running.wait(5)
+
+    def run(self) -> None:
+        """Run the loop in the calling thread until stop()."""
+        self._running.set()
+        try:
+            self._loop()
+        finally:
+            self._running.clear()
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
         self._wake.set()
-        self._thread.join(timeout)
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    @property
+    def started(self) -> bool:
+        return self._running.is_set() or self._stop.is_set()
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive() and self.dead_reason is None
+        return self._running.is_set() and self.dead_reason is None
 
     @property
     def num_active(self) -> int:

@@ -101,16 +101,22 @@ async def warm_up(st: ServerState) -> None:
     log.info("warm-up generation succeeded; ready")
 
 
-def create_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
-    """The app around an AsyncEngine that is already built (not yet started)."""
+def create_app(engine: AsyncEngine, config: ServerConfig, external_engine_loop: bool = False) -> FastAPI:
+    """The app around an AsyncEngine that is built but not started. With external_engine_loop the
+    caller runs the engine loop itself (in the main thread); otherwise the app starts a thread."""
     metrics = Metrics(config.served_model_name)
     engine.engine.stats = metrics
     st = ServerState(engine, engine.engine.tokenizer, config, metrics, engine.engine.info.max_model_len)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        if not engine.alive and engine.dead_reason is None:
+        st.loop = asyncio.get_running_loop()
+        if not engine.started and not external_engine_loop:
             engine.start()
+        for _ in range(600):  # an external loop (coserve serve's main thread) may still be starting
+            if engine.alive:
+                break
+            await asyncio.sleep(0.05)
         await warm_up(st)
         yield
         st.draining = True

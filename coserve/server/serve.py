@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 
+import torch
 import uvicorn
 
 from coserve.engine.async_engine import AsyncEngine
@@ -21,6 +25,8 @@ from coserve.server.app import create_app
 from coserve.settings import ServeSettings
 
 log = logging.getLogger("coserve.server")
+
+SWITCH_INTERVAL_S = 0.0005
 
 
 def resolve_model(settings: ServeSettings) -> str:
@@ -35,19 +41,25 @@ def resolve_model(settings: ServeSettings) -> str:
 
 
 class DrainingServer(uvicorn.Server):
+    """uvicorn in a worker thread; the main thread runs the engine loop and forwards signals here."""
+
     def __init__(self, config: uvicorn.Config, app, shutdown_timeout: float):
         super().__init__(config)
         self.app = app
         self.shutdown_timeout = shutdown_timeout
         self._draining = False
 
-    def handle_exit(self, sig, frame) -> None:
-        if self._draining:  # second signal: leave now
-            return super().handle_exit(sig, frame)
+    def on_signal(self, sig: int, frame) -> None:
+        """Signal handler (main thread): first signal drains, a second one exits at once."""
+        loop = self.app.state.coserve.loop
+        if self._draining or loop is None:
+            self.should_exit = True
+            self.force_exit = self._draining
+            return
         self._draining = True
         log.info("signal %s: draining (readiness 503, up to %.0fs for in-flight requests)", sig,
                  self.shutdown_timeout)
-        asyncio.get_event_loop().create_task(self._drain())
+        asyncio.run_coroutine_threadsafe(self._drain(), loop)
 
     async def _drain(self) -> None:
         st = self.app.state.coserve
@@ -66,6 +78,11 @@ class DrainingServer(uvicorn.Server):
 
 
 def serve(settings: ServeSettings) -> None:
+    # The engine loop and the event loop share the GIL; a short switch interval keeps the
+    # engine from waiting up to 5 ms for the GIL after each torch op that released it.
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     model_dir = resolve_model(settings)
     engine = LLMEngine(settings.engine_config(model_dir))
@@ -78,9 +95,24 @@ def serve(settings: ServeSettings) -> None:
              info.kv.num_blocks, info.kv.block_size, info.kv.num_blocks * info.kv.bytes_per_block / 2**20,
              info.max_model_len)
     server_config = settings.server_config(model_dir)
-    app = create_app(AsyncEngine(engine), server_config)
+    async_engine = AsyncEngine(engine)
+    app = create_app(async_engine, server_config, external_engine_loop=True)
     uv_config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                                timeout_graceful_shutdown=5)
     server = DrainingServer(uv_config, app, settings.shutdown_timeout)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, server.on_signal)
+    http_thread = threading.Thread(target=server.run, name="coserve-http", daemon=True)
+    http_thread.start()
     log.info("serving model %r at http://%s:%d/v1", server_config.served_model_name, settings.host, settings.port)
-    server.run()
+    watcher = threading.Thread(target=_stop_engine_when_done, args=(http_thread, async_engine), daemon=True)
+    watcher.start()
+    async_engine.run()  # the engine loop owns the main thread until the HTTP server is gone
+    http_thread.join(10)
+    if not server.started:
+        raise SystemExit(f"the HTTP server did not start on {settings.host}:{settings.port} (see the log above)")
+
+
+def _stop_engine_when_done(http_thread: threading.Thread, engine: AsyncEngine) -> None:
+    http_thread.join()
+    engine.stop()

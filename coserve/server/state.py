@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 
@@ -31,6 +32,7 @@ class ServerState:
     created: int = field(default_factory=lambda: int(time.time()))
     ready: bool = False  # model loaded and a real generation succeeded
     draining: bool = False  # SIGTERM received: refuse new work, finish in-flight
+    loop: asyncio.AbstractEventLoop | None = None  # the server's event loop (set at start-up)
 
     def check_model(self, name: str) -> None:
         if name != self.config.served_model_name:
