@@ -58,23 +58,30 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=None)
     ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--trials", type=int, default=3, help="interleaved trials per setting; the best one counts")
     args = ap.parse_args()
     model = args.model or str(demo_checkpoint("small"))
     bandwidth = copy_bandwidth()
+    modes = ("none", "int8", "int4")
+    engines = {mode: LLMEngine(EngineConfig(model=model, quantize=mode, dtype="bfloat16",
+                                            kv_cache_memory=256 * 2**20, max_num_seqs=16)) for mode in modes}
+    best: dict[tuple[str, int], float] = {}
+    for _ in range(args.trials):  # interleaved, so a slow spell of the machine hits every mode alike
+        for batch in (1, 16):
+            for mode, engine in engines.items():
+                rate = decode_rate(engine, batch, args.steps)
+                best[mode, batch] = max(best.get((mode, batch), 0.0), rate)
     rows = []
-    for mode in ("none", "int8", "int4"):
-        engine = LLMEngine(EngineConfig(model=model, quantize=mode, dtype="bfloat16", kv_cache_memory=256 * 2**20,
-                                        max_num_seqs=16))
+    for mode, engine in engines.items():
         wb = weight_bytes(engine)
         roofline = bandwidth / wb["bytes_per_token"]
         for batch in (1, 16):
-            rate = decode_rate(engine, batch, args.steps)
+            rate = best[mode, batch]
             rows.append({"quantize": mode, "batch": batch, "tokens_per_s": round(rate, 1),
                          "linear_MiB": round(wb["linear_bytes"] / 2**20, 1),
                          "bytes_per_token_MiB": round(wb["bytes_per_token"] / 2**20, 1),
                          "roofline_tok_s": round(roofline, 1) if batch == 1 else "",
                          "roofline_frac": round(rate / roofline, 3) if batch == 1 else ""})
-        del engine
     by = {(r["quantize"], r["batch"]): r for r in rows}
     summary = {
         "copy_bandwidth_GBps": round(bandwidth / 1e9, 2),
@@ -85,7 +92,8 @@ def main() -> None:
     }
     print(table(rows, list(rows[0])))
     print(summary)
-    write_result("decode", {"model": model, "rows": rows, "summary": summary})
+    write_result("decode", {"model": model, "steps": args.steps, "trials": args.trials, "rows": rows,
+                            "summary": summary})
 
 
 if __name__ == "__main__":

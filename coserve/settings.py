@@ -61,7 +61,7 @@ class ServeSettings(BaseSettings):
     data_dir: Path = Field(Path("data"), description="where the demo model and local state live")
     max_model_len: int | None = Field(None, ge=16, description="context window (default: the model's, <= 8192)")
     max_num_seqs: int = Field(64, ge=1, description="sequences running at once")
-    max_batch_tokens: int = Field(2048, ge=16, description="tokens computed per engine step")
+    max_batch_tokens: int = Field(512, ge=16, description="tokens computed per engine step (bounds prefill stalls)")
     kv_cache_memory: int = Field(512 * 2**20, description="bytes for the paged KV cache (e.g. 512MiB, 2GiB)")
     block_size: int = Field(16, ge=1, description="tokens per KV block")
     enable_prefix_caching: bool = Field(True, description="share KV blocks of identical prompt prefixes")

@@ -105,9 +105,12 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
     return torch.where(is_medium, smoothed, scaled)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, D] rotated by position: x * cos + rotate_half(x) * sin, with rotate_half(x) =
+    cat(-x2, x1) computed as the swapped halves times a sin whose first half is negated."""
+    t, heads, d = x.shape
+    swapped = x.view(t, heads, 2, d // 2).flip(2).view(t, heads, d)  # cat(x2, x1)
+    return x * cos + swapped * signed_sin
 
 
 class RMSNorm(nn.Module):
@@ -117,8 +120,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32 (as transformers does), scale in the input dtype.
-        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        # One fused op; it accumulates in float32 for bfloat16 inputs, as transformers' upcast does.
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -133,15 +136,15 @@ class Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,  # [T, hidden]
-        cos: torch.Tensor,  # [T, head_dim]
-        sin: torch.Tensor,  # [T, head_dim]
+        cos: torch.Tensor,  # [T, 1, head_dim]
+        sin: torch.Tensor,  # [T, 1, head_dim], first half negated (see apply_rope)
         meta: AttentionMetadata,
         kv_cache: tuple[torch.Tensor, torch.Tensor],  # each [NB, BS, Hkv, head_dim]
     ) -> torch.Tensor:
         t = x.shape[0]
         qkv = self.qkv_proj(x)  # [T, (H + 2 Hkv) * head_dim]
         qk = qkv[:, : self.q_size + self.kv_size].view(t, self.num_heads + self.num_kv_heads, self.head_dim)
-        qk = qk * cos[:, None, :] + rotate_half(qk) * sin[:, None, :]  # rotate q and k together
+        qk = apply_rope(qk, cos, sin)  # q and k rotated together
         q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
         v = qkv[:, self.q_size + self.kv_size :].view(t, self.num_kv_heads, self.head_dim)
         k_cache, v_cache = kv_cache
@@ -196,10 +199,11 @@ class CausalLM(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin for absolute positions [T] -> each [T, head_dim]."""
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        """cos and signed sin for absolute positions [T] -> each [T, 1, head_dim] (see apply_rope)."""
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, D/2]
+        cos = torch.cat((freqs, freqs), dim=-1).cos()
+        signed_sin = torch.cat((-freqs.sin(), freqs.sin()), dim=-1)
+        return cos.to(dtype)[:, None, :], signed_sin.to(dtype)[:, None, :]
 
     def forward(
         self,

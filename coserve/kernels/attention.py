@@ -41,6 +41,7 @@ class AttentionMetadata:
     decode_context_lens: torch.Tensor  # [Sd] int64
     decode_block_tables: torch.Tensor  # [Sd, max_blocks] int64
     decode_mask: torch.Tensor  # [Sd, 1, 1, max_blocks * block_size] bool: cached positions to attend
+    lone_decode_slots: torch.Tensor | None = None  # [ctx] cache slots of the context when Sd == 1
 
     @classmethod
     def build(
@@ -64,6 +65,10 @@ class AttentionMetadata:
         decode_idx = torch.tensor(decode, dtype=torch.long)
         decode_ctx = torch.tensor([context_lens[i] for i in decode], dtype=torch.long)
         decode_mask = torch.arange(max_blocks * block_size) < decode_ctx[:, None]
+        lone_slots = None
+        if len(decode) == 1:
+            positions = torch.arange(context_lens[decode[0]])
+            lone_slots = tables[decode[0]][positions // block_size] * block_size + positions % block_size
         return cls(
             slot_mapping=torch.tensor(slots, dtype=torch.long),
             query_starts=query_starts,
@@ -75,6 +80,7 @@ class AttentionMetadata:
             decode_context_lens=decode_ctx,
             decode_block_tables=tables[decode_idx],
             decode_mask=decode_mask[:, None, None, :],
+            lone_decode_slots=lone_slots,
         )
 
 
@@ -121,23 +127,32 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
     return torch.matmul(probs, v)
 
 
+def _lone_decode(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+) -> torch.Tensor:
+    """One decode row q [H, D]: exact-length context, float32 SDPA (4-D: its fast CPU kernel), -> [H, D]."""
+    num_heads, d = q.shape
+    num_kv = k_cache.shape[2]
+    slots = meta.lone_decode_slots  # [ctx]
+    k = k_cache.view(-1, num_kv, d).index_select(0, slots).float().transpose(0, 1)[None]  # [1, Hkv, ctx, D]
+    v = v_cache.view(-1, num_kv, d).index_select(0, slots).float().transpose(0, 1)[None]
+    qd = q.view(1, num_kv, num_heads // num_kv, d).float()  # [1, Hkv, G, D]
+    return F.scaled_dot_product_attention(qd, k, v, scale=scale).view(num_heads, d).to(q.dtype)
+
+
 def paged_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
 ) -> torch.Tensor:
     """Fast path: all single-row (decode) sequences in one padded batch, the others one at a time."""
-    out = torch.empty_like(q)
     num_heads, d = q.shape[1], q.shape[2]
     num_kv = k_cache.shape[2]
     group = num_heads // num_kv
     sd = meta.decode_seqs.numel()
-    if sd == 1:  # a lone decode: exact-length context, float32 SDPA (no mask needed)
-        row, ctx = int(meta.decode_rows[0]), int(meta.decode_context_lens[0])
-        table = meta.decode_block_tables[0]
-        k = _gather_context(k_cache, table, ctx).transpose(0, 1).float()  # [Hkv, ctx, D]
-        v = _gather_context(v_cache, table, ctx).transpose(0, 1).float()
-        qd = q[row].view(num_kv, group, d).float()  # [Hkv, G, D]
-        o = F.scaled_dot_product_attention(qd, k, v, scale=scale)  # [Hkv, G, D]
-        out[row] = o.reshape(num_heads, d).to(q.dtype)
+    if sd == 1 and q.shape[0] == 1:  # a lone decode
+        return _lone_decode(q[0], k_cache, v_cache, meta, scale).view(1, num_heads, d)
+    out = torch.empty_like(q)
+    if sd == 1:
+        out[int(meta.decode_rows[0])] = _lone_decode(q[int(meta.decode_rows[0])], k_cache, v_cache, meta, scale)
     elif sd > 1:  # batched decodes, padded to the longest context and masked
         flat = meta.decode_block_tables.flatten()  # [Sd * MB]
         k = k_cache.index_select(0, flat).view(sd, -1, num_kv, d).transpose(1, 2)  # [Sd, Hkv, MB*BS, D]

@@ -10,14 +10,16 @@ from coserve.kernels.attention import AttentionMetadata, paged_attention, paged_
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("heads,kv_heads,block_size", [(4, 4, 16), (6, 2, 4), (9, 3, 5)])
-def test_paged_attention_matches_reference(dtype, tol, heads, kv_heads, block_size):
+@pytest.mark.parametrize("starts,qlens", [
+    ([0, 11, 30, 7, 0], [13, 6, 1, 1, 1]),  # fresh prompt, continued prompt, batched decodes
+    ([21], [1]),  # a lone decode (its own fast path)
+    ([0, 40], [9, 1]),  # one decode beside a prompt
+])
+def test_paged_attention_matches_reference(dtype, tol, heads, kv_heads, block_size, starts, qlens):
     gen = torch.Generator().manual_seed(0)
     d, num_blocks = 16, 64
     k_cache = torch.zeros(num_blocks, block_size, kv_heads, d, dtype=dtype)
     v_cache = torch.zeros_like(k_cache)
-    # A mix: fresh prompt, prompt continued after a cached prefix, and single-token decodes.
-    starts = [0, 11, 30, 7, 0]
-    qlens = [13, 6, 1, 1, 1]
     free = torch.randperm(num_blocks, generator=gen).tolist()
     tables = []
     for s, q in zip(starts, qlens):
