@@ -84,7 +84,7 @@ def test_queue_full_answers_503_and_queued_requests_complete(demo_tiny, tmp_path
     try:
         async def scenario():
             async with httpx.AsyncClient(base_url=srv.url, timeout=60) as client:
-                long = {"model": "demo-tiny", "prompt": "a", "max_tokens": 600, "ignore_eos": True}
+                long = {"model": "demo-tiny", "prompt": "a", "max_tokens": 1500, "ignore_eos": True}
                 running = asyncio.create_task(client.post("/v1/completions", json=long))
                 await asyncio.sleep(0.3)
                 queued = asyncio.create_task(client.post("/v1/completions", json={**long, "max_tokens": 5}))
@@ -96,14 +96,14 @@ def test_queue_full_answers_503_and_queued_requests_complete(demo_tiny, tmp_path
         assert rejected.status_code == 503
         assert rejected.headers["retry-after"]
         assert rejected.json()["error"]["type"] == "service_unavailable"
-        assert running.status_code == 200 and running.json()["usage"]["completion_tokens"] == 600
+        assert running.status_code == 200 and running.json()["usage"]["completion_tokens"] == 1500
         assert queued.status_code == 200 and queued.json()["usage"]["completion_tokens"] == 5
     finally:
         srv.stop()
 
 
 def test_sigterm_drains_then_aborts_and_exits(demo_tiny, tmp_path):
-    srv = start_server(demo_tiny, tmp_path, "--shutdown-timeout", "1.5", "--served-model-name", "demo-tiny")
+    srv = start_server(demo_tiny, tmp_path, "--shutdown-timeout", "2", "--served-model-name", "demo-tiny")
     results: dict[str, object] = {}
 
     def stream_long():
@@ -119,7 +119,7 @@ def test_sigterm_drains_then_aborts_and_exits(demo_tiny, tmp_path):
 
     def short():  # in flight at SIGTERM, done well within the drain timeout
         r = httpx.post(srv.url + "/v1/completions",
-                       json={"model": "demo-tiny", "prompt": "y", "max_tokens": 250, "ignore_eos": True}, timeout=60)
+                       json={"model": "demo-tiny", "prompt": "y", "max_tokens": 150, "ignore_eos": True}, timeout=60)
         results["short"] = r.json()["choices"][0]["finish_reason"]
 
     threads = [threading.Thread(target=stream_long), threading.Thread(target=short)]
