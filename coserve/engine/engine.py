@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from coserve.engine.adapter_runtime import AdapterRuntime
 from coserve.engine.detokenizer import IncrementalDetokenizer
 from coserve.engine.loader import load_model
 from coserve.engine.quantize import QuantizeReport, quantize_model
@@ -39,6 +40,9 @@ class EngineConfig:
     max_model_len: int | None = None  # default: the model's max_position_embeddings, capped at 8192
     enable_prefix_caching: bool = True
     seed: int = 0
+    max_loras: int = 8  # device adapter slots
+    max_cpu_loras: int = 32  # adapters kept validated in host memory
+    max_lora_rank: int = 16  # highest LoRA rank accepted (slot buffers are padded to it)
 
 
 @dataclass
@@ -105,10 +109,17 @@ class LLMEngine:
             enable_prefix_caching=config.enable_prefix_caching,
         )
         self.blocks = BlockManager(layout.num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(sched_config, self.blocks)
-        self.runner = ModelRunner(self.model, allocate_kv_cache(mc, layout, dtype), config.block_size, config.seed)
+        self.adapters = AdapterRuntime(self.model, config.max_loras, config.max_cpu_loras, config.max_lora_rank,
+                                       on_timing=self._adapter_timing)
+        self.scheduler = Scheduler(sched_config, self.blocks, self.adapters)
+        self.runner = ModelRunner(self.model, allocate_kv_cache(mc, layout, dtype), config.block_size, config.seed,
+                                  self.adapters)
         self.stats = stats
         self._requests: dict[str, _RequestState] = {}
+
+    def _adapter_timing(self, timing) -> None:
+        if self.stats is not None and hasattr(self.stats, "on_adapter_load"):
+            self.stats.on_adapter_load(timing)
 
     # ---- requests ----
     def check_request(self, num_prompt_tokens: int, params: SamplingParams) -> None:
@@ -118,6 +129,8 @@ class LLMEngine:
     def add_request(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, adapter_id: str | None = None
     ) -> None:
+        if adapter_id is not None and not self.adapters.known(adapter_id):
+            raise RequestRejected(f"The model `{adapter_id}` does not exist.", "model")
         now = time.monotonic()
         seqs = [
             Sequence(request_id, i, list(prompt_token_ids), params, adapter_id, now, self.eos_token_ids)
@@ -158,6 +171,7 @@ class LLMEngine:
     # ---- one step ----
     def step(self) -> list[RequestOutput]:
         start = time.monotonic()
+        failed = self._start_adapter_loads()
         scheduled = self.scheduler.schedule()
         for seq in self.scheduler.running:
             state = self._requests.get(seq.request_id)
@@ -187,7 +201,8 @@ class LLMEngine:
             state.last_token[seq.index] = now
             touched.setdefault(seq.request_id, set()).add(seq.index)
             new_tokens.setdefault(seq.request_id, {})[seq.index] = up.sampled
-        outputs = [self._emit(self._requests[rid], idx, new_tokens[rid], now) for rid, idx in touched.items()]
+        outputs = failed + [self._emit(self._requests[rid], idx, new_tokens[rid], now)
+                            for rid, idx in touched.items()]
         if self.stats is not None and not scheduled.is_empty:
             self.stats.on_step(
                 StepStats(
@@ -205,6 +220,20 @@ class LLMEngine:
                     waiting_adapters=sorted(self.scheduler.waiting_adapters()),
                 )
             )
+        return outputs
+
+    def _start_adapter_loads(self) -> list[RequestOutput]:
+        """Prefetch the adapters waiting requests need; fail the requests whose adapter cannot load."""
+        waiting = self.scheduler.waiting_adapters()
+        for adapter_id in waiting:
+            self.adapters.host.prefetch(adapter_id)
+        outputs = []
+        for adapter_id, reason in self.adapters.waiting_failures(waiting).items():
+            for rid in {s.request_id for s in self.scheduler.waiting if s.adapter_id == adapter_id}:
+                out = self.abort(rid)
+                if out is not None:
+                    out.error = f"adapter {adapter_id} failed to load: {reason}"
+                    outputs.append(out)
         return outputs
 
     def _emit(

@@ -41,8 +41,9 @@ def allocate_kv_cache(
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, kv_caches, block_size: int, seed: int = 0):
+    def __init__(self, model: CausalLM, kv_caches, block_size: int, seed: int = 0, adapters=None):
         self.model = model
+        self.adapters = adapters  # AdapterRuntime: groups each step's tokens by adapter slot
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.default_generator = torch.Generator().manual_seed(seed)
@@ -71,7 +72,13 @@ class ModelRunner:
             [len(r.token_ids) for r in rows], [r.start_position for r in rows], [r.block_table for r in rows],
             self.block_size,
         )
-        hidden = self.model(input_ids, positions, meta, self.kv_caches)  # [T, hidden]
+        if self.adapters is not None:
+            self.adapters.begin_step(rows)
+        try:
+            hidden = self.model(input_ids, positions, meta, self.kv_caches)  # [T, hidden]
+        finally:
+            if self.adapters is not None:
+                self.adapters.end_step()
         sampling = [i for i, r in enumerate(rows) if r.sample]
         if not sampling:
             return RunnerOutput()

@@ -31,7 +31,8 @@ class ScheduledSequence:
     params: SamplingParams  # sampling parameters of the owning request
     output_token_ids: list[int]  # tokens generated so far (read-only; for penalties)
     seed_offset: int = 0  # sibling index for n > 1, so seeded siblings differ
-    adapter_slot: int = -1  # device adapter slot; -1 means the base model alone
+    adapter_id: str | None = None  # adapter the sequence uses (None: the base model)
+    adapter_slot: int = -1  # device adapter slot, filled in by the engine; -1 means the base model alone
     train_job_id: str | None = None  # set for TRAIN rows (co-served fine-tuning)
 
 

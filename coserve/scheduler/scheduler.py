@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from typing import Protocol
 
 from coserve.scheduler.block_manager import BlockManager
 from coserve.scheduler.outputs import (
@@ -34,6 +35,22 @@ class SchedulerConfig:
     enable_prefix_caching: bool = True
 
 
+class AdapterGate(Protocol):
+    """Adapter residency as the scheduler sees it (implemented by the engine over its slots)."""
+
+    def can_admit(self, adapter_id: str) -> bool:
+        """Whether a sequence of this adapter may start now (loaded, and a slot is or can be freed)."""
+        ...
+
+    def on_admit(self, adapter_id: str) -> None:
+        """A sequence of this adapter starts running: take (or share) its slot."""
+        ...
+
+    def on_release(self, adapter_id: str) -> None:
+        """A sequence of this adapter stopped running (finished or preempted)."""
+        ...
+
+
 class RequestRejected(ValueError):
     """A request that can never be scheduled; `param` names the offending field."""
 
@@ -52,9 +69,10 @@ class StepUpdate:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager, adapters: AdapterGate | None = None):
         self.config = config
         self.blocks = block_manager
+        self.adapters = adapters
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self._by_request: dict[str, list[Sequence]] = {}
@@ -147,7 +165,9 @@ class Scheduler:
         skipped: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            if self._waits_for_leader(seq):
+            if self._waits_for_leader(seq) or (
+                seq.adapter_id and self.adapters is not None and not self.adapters.can_admit(seq.adapter_id)
+            ):  # not ready yet: let the requests behind it go (admission by adapter, no slot thrash)
                 skipped.append(self.waiting.popleft())
                 continue
             cached = self.blocks.find_cached_prefix(seq)
@@ -159,6 +179,8 @@ class Scheduler:
             if seq.num_preemptions == 0:
                 seq.num_cached_prompt_tokens = seq.num_computed_tokens
             seq.status = SequenceStatus.RUNNING
+            if seq.adapter_id and self.adapters is not None:
+                self.adapters.on_admit(seq.adapter_id)
             self.running.append(seq)
             out.sequences.append(self._row(seq, num_new))
             budget -= num_new
@@ -184,16 +206,22 @@ class Scheduler:
             params=seq.params,
             output_token_ids=seq.output_token_ids,
             seed_offset=seq.index,
+            adapter_id=seq.adapter_id,
         )
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
+        self._release_adapter(seq)
         self.blocks.free(seq)
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
+
+    def _release_adapter(self, seq: Sequence) -> None:
+        if seq.adapter_id and self.adapters is not None:
+            self.adapters.on_release(seq.adapter_id)
 
     # ---- results ----
     def update(self, scheduled: SchedulerOutput, result: RunnerOutput) -> list[StepUpdate]:
@@ -235,6 +263,7 @@ class Scheduler:
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
+            self._release_adapter(seq)
         elif seq.status is SequenceStatus.WAITING:
             self.waiting.remove(seq)
         self.blocks.free(seq)

@@ -1,0 +1,162 @@
+"""Device tier: per-module slot buffers and the wrapper that applies every slot's adapter in one pass.
+
+`attach_adapter_layers` wraps the model's projections (a pass, like quantization). Each wrapper
+holds, per adapted part (q/k/v inside the packed qkv_proj, gate/up inside gate_up_proj, o, down),
+the weights of every slot stacked along dim 0: LoRA A/B padded to the slot rank, DoRA gains,
+RoAd tables, SHiRA index/value lists. Buffers appear the first time an adapter needs them and
+unused slots hold neutral values (zero deltas, unit gains, identity rotations).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from coserve.adapters.lora import dora_gain
+from coserve.adapters.types import LoadedAdapter, ModuleDelta
+from coserve.kernels.adapter_ops import Segments, dora_scale, lora_expand, lora_shrink, road_rotate, sparse_delta
+
+PACKED_PARTS = {
+    "self_attn.qkv_proj": ("q_proj", "k_proj", "v_proj"),
+    "self_attn.o_proj": ("o_proj",),
+    "mlp.gate_up_proj": ("gate_proj", "up_proj"),
+    "mlp.down_proj": ("down_proj",),
+}
+KINDS = ("lora", "dora", "road", "shira")  # DoRA slots are also in "lora"
+
+
+@dataclass
+class AdapterContext:
+    """The current step's tokens grouped by slot, per kind of adapter; set by the runner around a forward."""
+
+    segments: dict[str, Segments] = field(default_factory=dict)
+
+
+def base_weight(linear: nn.Module) -> torch.Tensor:
+    """The served base weight [out, in] in float32 (dequantized if the base is quantized)."""
+    if hasattr(linear, "dequantized_weight"):
+        return linear.dequantized_weight()
+    return linear.weight.detach().float()
+
+
+class AdapterLinear(nn.Module):
+    def __init__(self, base: nn.Module, parts: tuple[str, ...], part_sizes: list[int], num_slots: int,
+                 max_rank: int, ctx: AdapterContext):
+        super().__init__()
+        self.base = base
+        self.parts = parts
+        self.offsets = dict(zip(parts, [sum(part_sizes[:i]) for i in range(len(parts))]))
+        self.sizes = dict(zip(parts, part_sizes))
+        self.in_features = base.in_features
+        self.num_slots, self.max_rank, self.ctx = num_slots, max_rank, ctx
+        self.lora: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # A [S,R,in], B [S,out,R], s [S]
+        self.dora: dict[str, torch.Tensor] = {}  # gain [S, out]
+        self.road: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # c1, c2 [S,out], partner
+        self.shira: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # rows, cols, vals [S, K]
+
+    # ---- slot management (engine thread, between steps) ----
+    def clear_slot(self, slot: int) -> None:
+        for _, b, scale in self.lora.values():
+            scale[slot] = 0.0
+            b[slot].zero_()
+        for gain in self.dora.values():
+            gain[slot] = 1.0
+        for c1, c2, partner in self.road.values():
+            c1[slot], c2[slot] = 1.0, 0.0
+            partner[slot] = torch.arange(partner.shape[1])
+        for _, _, vals in self.shira.values():
+            vals[slot] = 0.0
+
+    def load_slot(self, slot: int, part: str, delta: ModuleDelta) -> None:
+        n, s = self.sizes[part], self.num_slots
+        if delta.lora_a is not None:
+            if part not in self.lora:
+                self.lora[part] = (torch.zeros(s, self.max_rank, self.in_features), torch.zeros(s, n, self.max_rank),
+                                   torch.zeros(s))
+            a, b, scale = self.lora[part]
+            r = delta.rank
+            a[slot].zero_()
+            a[slot, :r] = delta.lora_a
+            b[slot].zero_()
+            b[slot, :, :r] = delta.lora_b
+            scale[slot] = delta.lora_scale
+        if delta.dora_magnitude is not None:
+            if part not in self.dora:
+                self.dora[part] = torch.ones(s, n)
+            weight = base_weight(self.base)[self.offsets[part] : self.offsets[part] + n]  # served base rows
+            self.dora[part][slot] = dora_gain(delta, weight)
+        if delta.road_c1 is not None:
+            if part not in self.road:
+                self.road[part] = (torch.ones(s, n), torch.zeros(s, n), torch.arange(n).repeat(s, 1))
+            c1, c2, partner = self.road[part]
+            c1[slot], c2[slot], partner[slot] = delta.road_c1, delta.road_c2, delta.road_partner
+        if delta.shira_vals is not None:
+            k = delta.shira_vals.numel()
+            rows, cols, vals = self.shira.get(part, (torch.zeros(s, 0, dtype=torch.long),) * 2 + (torch.zeros(s, 0),))
+            if k > rows.shape[1]:  # grow the padded index lists
+                pad = k - rows.shape[1]
+                rows = torch.cat([rows, torch.zeros(s, pad, dtype=torch.long)], 1)
+                cols = torch.cat([cols, torch.zeros(s, pad, dtype=torch.long)], 1)
+                vals = torch.cat([vals, torch.zeros(s, pad)], 1)
+            vals[slot] = 0.0
+            rows[slot, :k], cols[slot, :k], vals[slot, :k] = delta.shira_rows, delta.shira_cols, delta.shira_vals
+            self.shira[part] = (rows, cols, vals)
+
+    # ---- forward ----
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [T, in] -> [T, sum(part sizes)]
+        y = self.base(x)
+        segs = self.ctx.segments
+        if not segs:
+            return y
+        bias = getattr(self.base, "bias", None)
+        for part in self.parts:
+            lo, n = self.offsets[part], self.sizes[part]
+            ys = y[:, lo : lo + n]
+            lora_seg, dora_seg = segs.get("lora"), segs.get("dora")
+            if part in self.lora and lora_seg is not None:
+                a, b, scale = self.lora[part]
+                ys.add_(lora_expand(lora_shrink(x, a, lora_seg), b, scale, lora_seg, y.dtype))  # + s B A x
+            if part in self.dora and dora_seg is not None:  # DoRA rows: g * (W0 x + s B A x) + bias
+                b_part = bias[lo : lo + n] if bias is not None else 0
+                scaled = dora_scale(ys - b_part, self.dora[part], dora_seg) + b_part
+                ys[dora_seg.active_rows] = scaled[dora_seg.active_rows]
+            if part in self.shira and segs.get("shira") is not None:
+                rows, cols, vals = self.shira[part]
+                ys.add_(sparse_delta(x, rows, cols, vals, n, segs["shira"]))
+            if part in self.road and segs.get("road") is not None:
+                c1, c2, partner = self.road[part]
+                ys.copy_(road_rotate(ys, c1, c2, partner, segs["road"]))
+        return y
+
+
+def attach_adapter_layers(model: nn.Module, num_slots: int, max_rank: int) -> tuple[AdapterContext, dict]:
+    """Wrap every adapted projection; returns the shared context and {(layer, packed name): wrapper}."""
+    ctx = AdapterContext()
+    wrappers: dict[tuple[int, str], AdapterLinear] = {}
+    cfg = model.config
+    sizes = {
+        "q_proj": cfg.num_attention_heads * cfg.head_dim, "k_proj": cfg.num_key_value_heads * cfg.head_dim,
+        "v_proj": cfg.num_key_value_heads * cfg.head_dim, "o_proj": cfg.hidden_size,
+        "gate_proj": cfg.intermediate_size, "up_proj": cfg.intermediate_size, "down_proj": cfg.hidden_size,
+    }
+    for i, layer in enumerate(model.model.layers):
+        for packed, parts in PACKED_PARTS.items():
+            owner_name, attr = packed.split(".")
+            owner = getattr(layer, owner_name)
+            wrapper = AdapterLinear(getattr(owner, attr), parts, [sizes[p] for p in parts], num_slots, max_rank, ctx)
+            setattr(owner, attr, wrapper)
+            wrappers[i, packed] = wrapper
+    return ctx, wrappers
+
+
+def part_owner(module: str) -> str:
+    return next(packed for packed, parts in PACKED_PARTS.items() if module in parts)
+
+
+def load_adapter_into_slot(wrappers: dict, slot: int, adapter: LoadedAdapter) -> None:
+    for wrapper in wrappers.values():
+        wrapper.clear_slot(slot)
+    for (layer, module), delta in adapter.modules.items():
+        wrappers[layer, part_owner(module)].load_slot(slot, module, delta)

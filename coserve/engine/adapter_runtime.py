@@ -1,0 +1,112 @@
+"""The engine's adapter residency: host cache + device slots + the per-step token grouping.
+
+Implements the scheduler's AdapterGate. Runs on the engine thread only (adapters registered
+before the loop starts, or through AsyncEngine commands afterwards).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from coserve.adapters.layers import AdapterContext, attach_adapter_layers, load_adapter_into_slot
+from coserve.adapters.peft_format import load_adapter_dir
+from coserve.adapters.registry import HostCache, LoadTiming, SlotTable
+from coserve.adapters.types import BaseModelShape, LoadedAdapter
+from coserve.engine.model import CausalLM
+from coserve.kernels.adapter_ops import Segments
+from coserve.scheduler.outputs import ScheduledSequence
+
+KINDS_OF_METHOD = {"LORA": ("lora",), "DORA": ("lora", "dora"), "ROAD": ("road",), "SHIRA": ("shira",)}
+
+
+def base_shape(model: CausalLM) -> BaseModelShape:
+    c = model.config
+    q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    return BaseModelShape(c.num_hidden_layers, {
+        "q_proj": (q, c.hidden_size), "k_proj": (kv, c.hidden_size), "v_proj": (kv, c.hidden_size),
+        "o_proj": (c.hidden_size, q), "gate_proj": (c.intermediate_size, c.hidden_size),
+        "up_proj": (c.intermediate_size, c.hidden_size), "down_proj": (c.hidden_size, c.intermediate_size),
+    })
+
+
+class AdapterRuntime:
+    def __init__(self, model: CausalLM, max_loras: int, max_cpu_loras: int, max_rank: int, on_timing=None):
+        self.model = model
+        self.shape = base_shape(model)
+        self.max_rank = max_rank
+        self.host = HostCache(max_cpu_loras, on_timing)
+        self.slots = SlotTable(max_loras)
+        self.on_timing = on_timing
+        self.ctx: AdapterContext | None = None
+        self.wrappers: dict = {}
+        self.slot_method: dict[int, str] = {}
+
+    # ---- registration ----
+    def register_dir(self, name: str, path: str | Path, preload: bool = True) -> LoadedAdapter | None:
+        """Register a PEFT directory; with preload it is validated now (errors surface at once)."""
+        source = lambda: load_adapter_dir(name, path, self.shape, self.max_rank)  # noqa: E731
+        adapter = source() if preload else None
+        self.register(name, source, adapter)
+        return adapter
+
+    def register(self, name: str, source, adapter: LoadedAdapter | None = None) -> None:
+        if self.ctx is None:  # first adapter: wrap the projections (a pass over the model)
+            self.ctx, self.wrappers = attach_adapter_layers(self.model, self.slots.num_slots, self.max_rank)
+        self.slots.evict(name)  # a replaced adapter is loaded afresh; running users finish on the old weights
+        self.host.register(name, source, adapter)
+
+    def known(self, name: str) -> bool:
+        return self.host.known(name)
+
+    def names(self) -> list[str]:
+        return self.host.names()
+
+    # ---- AdapterGate ----
+    def can_admit(self, adapter_id: str) -> bool:
+        return self.host.ready(adapter_id) and self.slots.has_room_for(adapter_id)
+
+    def on_admit(self, adapter_id: str) -> None:
+        slot, fresh = self.slots.acquire(adapter_id)
+        if fresh:
+            start = time.perf_counter()
+            adapter = self.host.get(adapter_id)
+            load_adapter_into_slot(self.wrappers, slot, adapter)
+            self.slot_method[slot] = adapter.method
+            if self.on_timing:
+                self.on_timing(LoadTiming(adapter_id, "device", time.perf_counter() - start))
+
+    def on_release(self, adapter_id: str) -> None:
+        self.slots.release(adapter_id)
+
+    # ---- per step ----
+    def begin_step(self, rows: list[ScheduledSequence]) -> None:
+        """Group this step's tokens by slot and kind for the wrapped projections."""
+        if self.ctx is None:
+            return
+        slots_per_row = []
+        for row in rows:
+            row.adapter_slot = self.slots.slot_of.get(row.adapter_id, -1) if row.adapter_id else -1
+            slots_per_row.append(row.adapter_slot)
+        if all(s < 0 for s in slots_per_row):
+            self.ctx.segments = {}
+            return
+        token_slots = torch.tensor([s for row, s in zip(rows, slots_per_row) for _ in row.token_ids])  # [T]
+        segments = {}
+        for kind in ("lora", "dora", "road", "shira"):
+            of_kind = [s for s, m in self.slot_method.items() if kind in KINDS_OF_METHOD[m]]
+            if not of_kind:
+                continue
+            mask = torch.isin(token_slots, torch.tensor(of_kind))
+            if mask.any():
+                segments[kind] = Segments.build(torch.where(mask, token_slots, -1))
+        self.ctx.segments = segments
+
+    def end_step(self) -> None:
+        if self.ctx is not None:
+            self.ctx.segments = {}
+
+    def waiting_failures(self, adapter_ids: set[str]) -> dict[str, str]:
+        return {a: self.host.failed[a] for a in adapter_ids if a in self.host.failed}
