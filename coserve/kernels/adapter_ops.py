@@ -7,7 +7,8 @@ Common arguments:
 Each op has a pure-torch reference (`*_ref`, one token at a time: the semantics) and a
 fast CPU path (same name), which groups tokens by slot (SGMV) when segments are long and
 gathers per-token weights (BGMV) when each slot has only a few tokens (decode).
-The Triton versions for CUDA live in `coserve.kernels.triton_adapter_ops`.
+The Triton versions for CUDA live in `coserve.kernels.triton_adapter_ops`; the fast paths hand
+CUDA tensors to them.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ GATHER_MAX_TOKENS_PER_SEGMENT = 4  # at or below this mean segment length, gathe
 class Segments:
     """Tokens grouped by slot: built once per step, shared by every adapted module."""
 
+    token_slots: torch.Tensor  # [T] int64, -1 = no adapter
     slots: list[int]  # distinct slots present (>= 0)
     rows: list[torch.Tensor]  # for each slot, its token rows [n_s] int64
     active_rows: torch.Tensor  # [T'] rows with any adapter
@@ -34,7 +36,7 @@ class Segments:
         slots_of_active = token_slots[active]
         unique = torch.unique(slots_of_active).tolist()
         rows = [active[slots_of_active == s] for s in unique]
-        return cls(unique, rows, active, slots_of_active)
+        return cls(token_slots, unique, rows, active, slots_of_active)
 
     @property
     def use_gather(self) -> bool:
@@ -68,8 +70,16 @@ def lora_expand_ref(
     return out.to(out_dtype)
 
 
+def _triton():
+    from coserve.kernels import triton_adapter_ops
+
+    return triton_adapter_ops
+
+
 def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, seg: Segments) -> torch.Tensor:
     """Fast path of lora_shrink_ref (same semantics); matmuls in x's dtype, result float32."""
+    if x.is_cuda:
+        return _triton().lora_shrink(x, lora_a, seg.token_slots)
     out = torch.zeros(x.shape[0], lora_a.shape[1], dtype=torch.float32)
     if not seg.slots:
         return out
@@ -86,6 +96,8 @@ def lora_expand(
     h: torch.Tensor, lora_b: torch.Tensor, scale: torch.Tensor, seg: Segments, out_dtype: torch.dtype
 ) -> torch.Tensor:
     """Fast path of lora_expand_ref (same semantics)."""
+    if h.is_cuda:
+        return _triton().lora_expand(h, lora_b, scale, seg.token_slots, out_dtype)
     out = torch.zeros(h.shape[0], lora_b.shape[1], dtype=out_dtype)
     if not seg.slots:
         return out
@@ -112,6 +124,8 @@ def dora_scale_ref(y: torch.Tensor, gain: torch.Tensor, token_slots: torch.Tenso
 
 
 def dora_scale(y: torch.Tensor, gain: torch.Tensor, seg: Segments) -> torch.Tensor:
+    if y.is_cuda:
+        return _triton().dora_scale(y, gain, seg.token_slots)
     out = y.clone()
     if seg.slots:
         rows = seg.active_rows
@@ -141,6 +155,8 @@ def road_rotate_ref(
 def road_rotate(
     y: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, partner: torch.Tensor, seg: Segments
 ) -> torch.Tensor:
+    if y.is_cuda:
+        return _triton().road_rotate(y, c1, c2, partner, seg.token_slots)
     out = y.clone()
     if seg.slots:
         rows, slots = seg.active_rows, seg.active_slots
@@ -169,6 +185,8 @@ def sparse_delta(
     x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, out_features: int, seg: Segments
 ) -> torch.Tensor:
     """Per slot segment: contributions [n_s, K] scattered into the output rows; kept sparse."""
+    if x.is_cuda:
+        return _triton().sparse_delta(x, rows, cols, vals, out_features, seg.token_slots)
     out = torch.zeros(x.shape[0], out_features, dtype=torch.float32)
     for s, tok in zip(seg.slots, seg.rows):
         contrib = x[tok].float()[:, cols[s]] * vals[s]  # [n_s, K]
