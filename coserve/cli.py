@@ -17,6 +17,9 @@ def _settings_options(func):
         help_text = f"{field.description} [env COSERVE_{name.upper()}; default {field.default}]"
         if field.annotation is bool:
             func = click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=help_text)(func)
+        elif field.annotation == list[str]:
+            help_text = f"{field.description} [env COSERVE_{name.upper()} as a JSON list]"
+            func = click.option(flag, name, multiple=True, help=help_text)(func)
         else:
             func = click.option(flag, name, default=None, help=help_text)(func)
     return func

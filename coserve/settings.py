@@ -16,6 +16,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from coserve.engine.engine import EngineConfig
 
+ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
           "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
@@ -74,6 +75,10 @@ class ServeSettings(BaseSettings):
     max_body_bytes: int = Field(4 * 2**20, description="cap on a request body (413 beyond)")
     seed: int = Field(0, description="seed of the shared sampler for unseeded requests")
     torch_threads: int = Field(0, ge=0, description="intra-op threads for the engine (0: torch's default)")
+    adapter: list[str] = Field(default_factory=list, description="NAME=PATH of a PEFT adapter to serve (repeatable)")
+    max_loras: int = Field(8, ge=1, description="adapter slots on the device (adapters in one batch)")
+    max_cpu_loras: int = Field(32, ge=1, description="validated adapters kept in host memory")
+    max_lora_rank: int = Field(16, ge=1, le=512, description="highest LoRA rank accepted")
     log_level: str = Field("info", description="debug | info | warning | error")
 
     @field_validator("kv_cache_memory", "max_body_bytes", mode="before")
@@ -94,7 +99,7 @@ class ServeSettings(BaseSettings):
     @classmethod
     def load(cls, config_file: str | Path | None = None, **flags: Any) -> ServeSettings:
         """Build settings from explicit flags (None = not given), the environment and a YAML file."""
-        given = {k: v for k, v in flags.items() if v is not None}
+        given = {k: (list(v) if isinstance(v, tuple) else v) for k, v in flags.items() if v not in (None, ())}
         if config_file is None:
             return cls(**given)
         if not Path(config_file).is_file():
@@ -103,6 +108,19 @@ class ServeSettings(BaseSettings):
             "model_config": SettingsConfigDict(**{**cls.model_config, "yaml_file": str(config_file)}),
         })
         return scoped(**given)
+
+    def adapter_specs(self) -> list[tuple[str, str]]:
+        """--adapter NAME=PATH values as (name, path), names checked."""
+        specs = []
+        for spec in self.adapter:
+            name, sep, path = spec.partition("=")
+            if not sep or not path:
+                raise ValueError(f"--adapter wants NAME=PATH, got {spec!r}")
+            if not ADAPTER_NAME.match(name):
+                raise ValueError(f"adapter name {name!r}: use 1-128 of A-Z a-z 0-9 . _ - : (starting with a letter "
+                                 "or digit)")
+            specs.append((name, path))
+        return specs
 
     def engine_config(self, model_dir: str) -> EngineConfig:
         return EngineConfig(
@@ -117,6 +135,9 @@ class ServeSettings(BaseSettings):
             max_model_len=self.max_model_len,
             enable_prefix_caching=self.enable_prefix_caching,
             seed=self.seed,
+            max_loras=self.max_loras,
+            max_cpu_loras=self.max_cpu_loras,
+            max_lora_rank=self.max_lora_rank,
         )
 
     def server_config(self, model_dir: str) -> ServerConfig:

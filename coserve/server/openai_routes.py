@@ -38,10 +38,10 @@ def server_state(request: Request) -> ServerState:
 async def list_models(request: Request) -> dict:
     st = server_state(request)
     name = st.config.served_model_name
-    return {"object": "list", "data": [{
-        "id": name, "object": "model", "created": st.created, "owned_by": "coserve",
-        "root": st.engine.engine.info.model_dir, "parent": None, "max_model_len": st.max_model_len,
-    }]}
+    base = {"object": "model", "created": st.created, "owned_by": "coserve", "max_model_len": st.max_model_len}
+    data = [{"id": name, **base, "root": st.engine.engine.info.model_dir, "parent": None}]
+    data += [{"id": a, **base, "root": a, "parent": name} for a in st.engine.engine.adapters.names()]
+    return {"object": "list", "data": data}
 
 
 # ---- request -> engine ----
@@ -147,10 +147,11 @@ class _Choice:
 class _Generation:
     """One API call: its prompts, engine streams and the choices being assembled."""
 
-    def __init__(self, st: ServerState, prompts: list[list[int]], params: SamplingParams, request_id: str):
+    def __init__(self, st: ServerState, prompts: list[list[int]], params: SamplingParams, request_id: str,
+                 adapter_id: str | None):
         self.st, self.prompts, self.params = st, prompts, params
         self.choices = [_Choice() for _ in range(len(prompts) * params.n)]
-        streams = [st.engine.generate(f"{request_id}-{i}", p, params) for i, p in enumerate(prompts)]
+        streams = [st.engine.generate(f"{request_id}-{i}", p, params, adapter_id) for i, p in enumerate(prompts)]
         self.outputs = _merge(streams)
         self.completion_tokens = 0
 
@@ -245,12 +246,12 @@ def _request_id(request: Request) -> str:
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request):
     st = server_state(request)
-    st.check_model(body.model)
+    adapter_id = st.resolve_model(body.model)
     prompts = _tokenize_prompts(st, body.prompt)
     params = _sampling_params(st, body, body.max_tokens or 16, body.logprobs)
     _check_lengths(st, prompts, params, "prompt")
     st.check_accepting()
-    gen = _Generation(st, prompts, params, _request_id(request))
+    gen = _Generation(st, prompts, params, _request_id(request), adapter_id)
     base = {"id": new_id("cmpl"), "object": "text_completion", "created": now(), "model": body.model}
 
     if body.stream:
@@ -275,7 +276,7 @@ async def completions(body: CompletionRequest, request: Request):
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     st = server_state(request)
-    st.check_model(body.model)
+    adapter_id = st.resolve_model(body.model)
     try:
         messages = [{**m.model_dump(exclude_none=True), "content": m.text()} for m in body.messages]
         prompt = st.tokenizer.encode_chat(messages)
@@ -289,7 +290,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     params = _sampling_params(st, body, max_tokens, (top or 0) if body.logprobs else None)
     _check_lengths(st, [prompt], params, "messages")
     st.check_accepting()
-    gen = _Generation(st, [prompt], params, _request_id(request))
+    gen = _Generation(st, [prompt], params, _request_id(request), adapter_id)
     base = {"id": new_id("chatcmpl"), "object": "chat.completion.chunk", "created": now(), "model": body.model}
 
     if body.stream:

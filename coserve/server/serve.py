@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import uvicorn
 
+from coserve.adapters.types import AdapterError
 from coserve.engine.async_engine import AsyncEngine
 from coserve.engine.demo import write_demo_model
 from coserve.engine.engine import LLMEngine
@@ -86,6 +87,13 @@ def serve(settings: ServeSettings) -> None:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     model_dir = resolve_model(settings)
     engine = LLMEngine(settings.engine_config(model_dir))
+    for name, path in settings.adapter_specs():
+        try:
+            adapter = engine.adapters.register_dir(name, path)
+        except AdapterError as exc:
+            raise SystemExit(f"adapter {name} ({path}) refused: {exc}") from exc
+        log.info("adapter %s: %s, rank %d, %d modules, %.1f KiB", name, adapter.method, adapter.rank,
+                 len(adapter.modules), adapter.nbytes / 1024)
     info, q = engine.info, engine.info.quantize
     log.info("loaded %s (%s, %d layers, dtype %s)", model_dir, engine.model.config.model_type,
              engine.model.config.num_hidden_layers, info.dtype)

@@ -34,9 +34,13 @@ class ServerState:
     draining: bool = False  # SIGTERM received: refuse new work, finish in-flight
     loop: asyncio.AbstractEventLoop | None = None  # the server's event loop (set at start-up)
 
-    def check_model(self, name: str) -> None:
-        if name != self.config.served_model_name:
-            raise ApiError(404, f"The model `{name}` does not exist.", "NotFoundError", "model")
+    def resolve_model(self, name: str) -> str | None:
+        """The request's `model`: None for the base model, else the adapter it names (404 if unknown)."""
+        if name == self.config.served_model_name:
+            return None
+        if self.engine.engine.adapters.known(name):
+            return name
+        raise ApiError(404, f"The model `{name}` does not exist.", "NotFoundError", "model")
 
     def check_accepting(self) -> None:
         if self.draining:
