@@ -58,6 +58,13 @@ class AdapterRuntime:
         self.slots.evict(name)  # a replaced adapter is loaded afresh; running users finish on the old weights
         self.host.register(name, source, adapter)
 
+    def pin(self, name: str) -> None:
+        """Keep `name` in its device slot once loaded, even when idle."""
+        self.slots.pinned.add(name)
+
+    def unpin(self, name: str) -> None:
+        self.slots.pinned.discard(name)
+
     def known(self, name: str) -> bool:
         return self.host.known(name)
 

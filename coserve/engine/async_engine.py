@@ -186,6 +186,9 @@ class AsyncEngine:
                     return
                 continue
             self.num_steps += 1
+            if not self.engine.last_step_tokens:  # nothing could run (adapters loading): don't spin
+                self._wake.wait(0.005)
+                self._wake.clear()
             self.num_running = self.engine.scheduler.num_requests_running
             for out in outputs:
                 self._deliver(out, out.request_id)

@@ -116,6 +116,7 @@ class LLMEngine:
                                   self.adapters)
         self.stats = stats
         self._requests: dict[str, _RequestState] = {}
+        self.last_step_tokens = 0  # tokens the last step computed (0: waiting on adapter loads, say)
 
     def _adapter_timing(self, timing) -> None:
         if self.stats is not None and hasattr(self.stats, "on_adapter_load"):
@@ -173,6 +174,7 @@ class LLMEngine:
         start = time.monotonic()
         failed = self._start_adapter_loads()
         scheduled = self.scheduler.schedule()
+        self.last_step_tokens = scheduled.num_tokens
         for seq in self.scheduler.running:
             state = self._requests.get(seq.request_id)
             if state is not None and state.first_scheduled is None:
