@@ -43,15 +43,16 @@ def base_weight(linear: nn.Module) -> torch.Tensor:
 
 class AdapterLinear(nn.Module):
     def __init__(self, base: nn.Module, parts: tuple[str, ...], part_sizes: list[int], num_slots: int,
-                 max_rank: int, ctx: AdapterContext):
+                 max_rank: int, ctx: AdapterContext, dtype: torch.dtype):
         super().__init__()
         self.base = base
+        self.dtype = dtype  # the compute dtype of outputs; slot buffers are float32 (CPU float32 bmm is fastest)
         self.parts = parts
         self.offsets = dict(zip(parts, [sum(part_sizes[:i]) for i in range(len(parts))]))
         self.sizes = dict(zip(parts, part_sizes))
         self.in_features = base.in_features
         self.num_slots, self.max_rank, self.ctx = num_slots, max_rank, ctx
-        self.lora: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # A [S,R,in], B [S,out,R], s [S]
+        self.lora: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # A [S,R,in], B^T [S,R,out], s [S]
         self.dora: dict[str, torch.Tensor] = {}  # gain [S, out]
         self.road: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # c1, c2 [S,out], partner
         self.shira: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # rows, cols, vals [S, K]
@@ -73,14 +74,14 @@ class AdapterLinear(nn.Module):
         n, s = self.sizes[part], self.num_slots
         if delta.lora_a is not None:
             if part not in self.lora:
-                self.lora[part] = (torch.zeros(s, self.max_rank, self.in_features), torch.zeros(s, n, self.max_rank),
-                                   torch.zeros(s))
+                self.lora[part] = (torch.zeros(s, self.max_rank, self.in_features),
+                                   torch.zeros(s, self.max_rank, n), torch.zeros(s))
             a, b, scale = self.lora[part]
             r = delta.rank
             a[slot].zero_()
             a[slot, :r] = delta.lora_a
             b[slot].zero_()
-            b[slot, :, :r] = delta.lora_b
+            b[slot, :r] = delta.lora_b.T
             scale[slot] = delta.lora_scale
         if delta.dora_magnitude is not None:
             if part not in self.dora:
@@ -131,7 +132,8 @@ class AdapterLinear(nn.Module):
         return y
 
 
-def attach_adapter_layers(model: nn.Module, num_slots: int, max_rank: int) -> tuple[AdapterContext, dict]:
+def attach_adapter_layers(model: nn.Module, num_slots: int, max_rank: int,
+                          dtype: torch.dtype) -> tuple[AdapterContext, dict]:
     """Wrap every adapted projection; returns the shared context and {(layer, packed name): wrapper}."""
     ctx = AdapterContext()
     wrappers: dict[tuple[int, str], AdapterLinear] = {}
@@ -145,7 +147,8 @@ def attach_adapter_layers(model: nn.Module, num_slots: int, max_rank: int) -> tu
         for packed, parts in PACKED_PARTS.items():
             owner_name, attr = packed.split(".")
             owner = getattr(layer, owner_name)
-            wrapper = AdapterLinear(getattr(owner, attr), parts, [sizes[p] for p in parts], num_slots, max_rank, ctx)
+            wrapper = AdapterLinear(getattr(owner, attr), parts, [sizes[p] for p in parts], num_slots, max_rank, ctx,
+                                    dtype)
             setattr(owner, attr, wrapper)
             wrappers[i, packed] = wrapper
     return ctx, wrappers

@@ -17,30 +17,57 @@ from dataclasses import dataclass
 
 import torch
 
-GATHER_MAX_TOKENS_PER_SEGMENT = 4  # at or below this mean segment length, gather per token (BGMV)
+PAD_WASTE_LIMIT = 4  # grouped bmm while padded rows <= this many times the real ones
 
 
 @dataclass
 class Segments:
-    """Tokens grouped by slot: built once per step, shared by every adapted module."""
+    """Tokens grouped by slot: built once per step, shared by every adapted module.
+
+    The grouped layout pads each slot's tokens to the longest group, so one batched matmul over
+    [slots, G, features] reads each slot's weights once (BGMV/SGMV in one call); when padding
+    would waste too much (one hot adapter among many cold ones), ops loop over segments instead.
+    """
 
     token_slots: torch.Tensor  # [T] int64, -1 = no adapter
     slots: list[int]  # distinct slots present (>= 0)
     rows: list[torch.Tensor]  # for each slot, its token rows [n_s] int64
-    active_rows: torch.Tensor  # [T'] rows with any adapter
+    active_rows: torch.Tensor  # [T'] rows with any adapter, ascending
     active_slots: torch.Tensor  # [T'] their slots
+    group_slots: torch.Tensor  # [S'] the distinct slots as a tensor
+    sorted_rows: torch.Tensor  # [T'] active rows ordered by slot
+    padded_index: torch.Tensor  # [T'] position of each sorted row in the [S' * G] padded layout
+    group_len: int  # G, the longest group
 
     @classmethod
     def build(cls, token_slots: torch.Tensor) -> Segments:
         active = (token_slots >= 0).nonzero().flatten()
         slots_of_active = token_slots[active]
-        unique = torch.unique(slots_of_active).tolist()
-        rows = [active[slots_of_active == s] for s in unique]
-        return cls(token_slots, unique, rows, active, slots_of_active)
+        order = torch.argsort(slots_of_active, stable=True)
+        sorted_rows, sorted_slots = active[order], slots_of_active[order]
+        group_slots, counts = torch.unique_consecutive(sorted_slots, return_counts=True)
+        group_len = int(counts.max()) if counts.numel() else 0
+        starts = torch.cumsum(counts, 0) - counts
+        group_of = torch.repeat_interleave(torch.arange(group_slots.numel()), counts)
+        position = torch.arange(sorted_rows.numel()) - torch.repeat_interleave(starts, counts)
+        unique = group_slots.tolist()
+        rows = list(torch.split(sorted_rows, counts.tolist())) if unique else []
+        return cls(token_slots, unique, rows, active, slots_of_active, group_slots, sorted_rows,
+                   group_of * group_len + position, group_len)
 
     @property
-    def use_gather(self) -> bool:
-        return bool(self.slots) and self.active_rows.numel() <= GATHER_MAX_TOKENS_PER_SEGMENT * len(self.slots)
+    def use_grouped(self) -> bool:
+        return bool(self.slots) and len(self.slots) * self.group_len <= PAD_WASTE_LIMIT * self.active_rows.numel()
+
+    def pad(self, values: torch.Tensor) -> torch.Tensor:
+        """Rows of `values` [T', F] in sorted-row order -> zero-padded groups [S', G, F]."""
+        padded = values.new_zeros(len(self.slots) * self.group_len, values.shape[1])
+        padded[self.padded_index] = values
+        return padded.view(len(self.slots), self.group_len, values.shape[1])
+
+    def unpad(self, padded: torch.Tensor) -> torch.Tensor:
+        """[S', G, F] -> [T', F] in sorted-row order."""
+        return padded.reshape(-1, padded.shape[-1])[self.padded_index]
 
 
 # ---------------------------------------------------------------- LoRA shrink / expand
@@ -57,16 +84,17 @@ def lora_shrink_ref(x: torch.Tensor, lora_a: torch.Tensor, token_slots: torch.Te
 
 
 def lora_expand_ref(
-    h: torch.Tensor, lora_b: torch.Tensor, scale: torch.Tensor, token_slots: torch.Tensor, out_dtype: torch.dtype
+    h: torch.Tensor, lora_bt: torch.Tensor, scale: torch.Tensor, token_slots: torch.Tensor, out_dtype: torch.dtype
 ) -> torch.Tensor:
     """Semantics: delta[t] = scale[slot_t] * B[slot_t] @ h[t] for tokens with a slot, 0 otherwise.
 
-    h [T, R] float32, lora_b [S, out, R], scale [S] float32 -> delta [T, out] in out_dtype.
+    h [T, R] float32, lora_bt [S, R, out] (B transposed, rank-padded), scale [S] float32
+    -> delta [T, out] in out_dtype.
     """
-    out = torch.zeros(h.shape[0], lora_b.shape[1], dtype=torch.float32)
+    out = torch.zeros(h.shape[0], lora_bt.shape[2], dtype=torch.float32)
     for t, s in enumerate(token_slots.tolist()):
         if s >= 0:
-            out[t] = scale[s] * (lora_b[s].float() @ h[t])
+            out[t] = scale[s] * (h[t] @ lora_bt[s].float())
     return out.to(out_dtype)
 
 
@@ -77,36 +105,39 @@ def _triton():
 
 
 def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, seg: Segments) -> torch.Tensor:
-    """Fast path of lora_shrink_ref (same semantics); matmuls in x's dtype, result float32."""
+    """Fast path of lora_shrink_ref (same semantics); float32 matmuls (CPU bfloat16 bmm is far slower)."""
     if x.is_cuda:
         return _triton().lora_shrink(x, lora_a, seg.token_slots)
     out = torch.zeros(x.shape[0], lora_a.shape[1], dtype=torch.float32)
     if not seg.slots:
         return out
-    if seg.use_gather:  # BGMV: [T', 1, in] @ [T', in, R]
-        xa = x[seg.active_rows].unsqueeze(1)
-        out[seg.active_rows] = torch.bmm(xa, lora_a[seg.active_slots].to(x.dtype).transpose(1, 2)).squeeze(1).float()
+    if seg.use_grouped:  # [S', G, in] @ [S', in, R]: each slot's A read once
+        a = lora_a.index_select(0, seg.group_slots).float()
+        h = torch.bmm(seg.pad(x[seg.sorted_rows].float()), a.transpose(1, 2))  # [S', G, R]
+        out[seg.sorted_rows] = seg.unpad(h)
         return out
     for s, rows in zip(seg.slots, seg.rows):  # SGMV: one matmul per slot's token segment
-        out[rows] = (x[rows] @ lora_a[s].to(x.dtype).T).float()
+        out[rows] = x[rows].float() @ lora_a[s].float().T
     return out
 
 
 def lora_expand(
-    h: torch.Tensor, lora_b: torch.Tensor, scale: torch.Tensor, seg: Segments, out_dtype: torch.dtype
+    h: torch.Tensor, lora_bt: torch.Tensor, scale: torch.Tensor, seg: Segments, out_dtype: torch.dtype
 ) -> torch.Tensor:
-    """Fast path of lora_expand_ref (same semantics)."""
+    """Fast path of lora_expand_ref (same semantics); float32 matmuls, result in out_dtype."""
     if h.is_cuda:
-        return _triton().lora_expand(h, lora_b, scale, seg.token_slots, out_dtype)
-    out = torch.zeros(h.shape[0], lora_b.shape[1], dtype=out_dtype)
+        return _triton().lora_expand(h, lora_bt, scale, seg.token_slots, out_dtype)
+    out = torch.zeros(h.shape[0], lora_bt.shape[2], dtype=out_dtype)
     if not seg.slots:
         return out
-    if seg.use_gather:
-        hb = (h[seg.active_rows] * scale[seg.active_slots][:, None]).to(out_dtype).unsqueeze(1)  # [T', 1, R]
-        out[seg.active_rows] = torch.bmm(hb, lora_b[seg.active_slots].to(out_dtype).transpose(1, 2)).squeeze(1)
+    if seg.use_grouped:  # [S', G, R] @ [S', R, out]: each slot's B read once
+        rows = seg.sorted_rows
+        hs = h[rows] * scale[seg.token_slots[rows]][:, None]
+        bt = lora_bt.index_select(0, seg.group_slots).float()
+        out[rows] = seg.unpad(torch.bmm(seg.pad(hs), bt)).to(out_dtype)
         return out
     for s, rows in zip(seg.slots, seg.rows):
-        out[rows] = ((h[rows] * scale[s]).to(out_dtype) @ lora_b[s].to(out_dtype).T)
+        out[rows] = ((h[rows] * scale[s]) @ lora_bt[s].float()).to(out_dtype)
     return out
 
 
@@ -157,11 +188,16 @@ def road_rotate(
 ) -> torch.Tensor:
     if y.is_cuda:
         return _triton().road_rotate(y, c1, c2, partner, seg.token_slots)
+    if not seg.slots:
+        return y
+    rows, slots = seg.active_rows, seg.active_slots
+    every_row = rows.numel() == y.shape[0]
+    ya = y.float() if every_row else y[rows].float()  # [T', out]
+    rotated = (ya * c1[slots] + torch.gather(ya, 1, partner[slots]) * c2[slots]).to(y.dtype)
+    if every_row:
+        return rotated
     out = y.clone()
-    if seg.slots:
-        rows, slots = seg.active_rows, seg.active_slots
-        ya = y[rows].float()  # [T', out]
-        out[rows] = (ya * c1[slots] + torch.gather(ya, 1, partner[slots]) * c2[slots]).to(y.dtype)
+    out[rows] = rotated
     return out
 
 

@@ -42,7 +42,7 @@ def _lora_expand_kernel(h_ptr, b_ptr, scale_ptr, slots_ptr, out_ptr, out_feature
         for r0 in range(0, rank, BLOCK_R):
             r = r0 + tl.arange(0, BLOCK_R)
             hv = tl.load(h_ptr + t * rank + r, mask=r < rank, other=0.0)
-            b_offsets = slot * out_features * rank + n[:, None] * rank + r[None, :]
+            b_offsets = slot * rank * out_features + r[None, :] * out_features + n[:, None]
             bv = tl.load(b_ptr + b_offsets, mask=(n[:, None] < out_features) & (r[None, :] < rank), other=0.0)
             acc += tl.sum(bv.to(tl.float32) * hv[None, :], axis=1)
         acc = acc * tl.load(scale_ptr + slot)
@@ -107,13 +107,13 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, token_slots: torch.Tensor
     return out
 
 
-def lora_expand(h: torch.Tensor, lora_b: torch.Tensor, scale: torch.Tensor, token_slots: torch.Tensor,
+def lora_expand(h: torch.Tensor, lora_bt: torch.Tensor, scale: torch.Tensor, token_slots: torch.Tensor,
                 out_dtype: torch.dtype) -> torch.Tensor:
     t, rank = h.shape
-    out_features = lora_b.shape[1]
+    out_features = lora_bt.shape[2]
     out = torch.empty(t, out_features, dtype=torch.float32, device=h.device)
     block_r = max(16, triton.next_power_of_2(min(rank, 64)))
-    _lora_expand_kernel[_grid(t, out_features, 64)](h.contiguous(), lora_b.contiguous(), scale.float().contiguous(),
+    _lora_expand_kernel[_grid(t, out_features, 64)](h.contiguous(), lora_bt.contiguous(), scale.float().contiguous(),
                                                     token_slots, out, out_features, rank, BLOCK_N=64, BLOCK_R=block_r)
     return out.to(out_dtype)
 

@@ -38,7 +38,7 @@ def make_case(rank, popularity: str, t: int, dtype: torch.dtype, seed: int = 0) 
     return {
         "x": torch.randn(t, IN, generator=gen).to(dtype),
         "y": torch.randn(t, OUT, generator=gen).to(dtype),
-        "a": a.to(dtype), "b": b.to(dtype),
+        "a": a.to(dtype), "b": b.transpose(1, 2).contiguous().to(dtype),  # B stored transposed: [S, R, out]
         "scale": torch.rand(SLOTS, generator=gen) + 0.5,
         "gain": torch.rand(SLOTS, OUT, generator=gen) + 0.5,
         "c1": torch.randn(SLOTS, OUT, generator=gen), "c2": torch.randn(SLOTS, OUT, generator=gen),

@@ -33,11 +33,16 @@ def test_cpu_fast_paths_match_references(rank, popularity, t, dtype):
                  ops.sparse_delta_ref(c["x"], c["rows"], c["cols"], c["vals"], 40, c["slots"]), dtype)
 
 
-def test_segments_choose_gather_for_decode_and_segments_for_prefill():
+def test_segments_group_tokens_by_slot():
     import torch
 
-    assert ops.Segments.build(torch.tensor([0, 1, 2, 3, -1])).use_gather  # decode: one token per slot
-    assert not ops.Segments.build(torch.tensor([0] * 30 + [1] * 30)).use_gather  # long segments
+    seg = ops.Segments.build(torch.tensor([2, -1, 0, 2, 2, 0]))
+    assert seg.slots == [0, 2] and seg.group_len == 3 and seg.use_grouped
+    assert seg.sorted_rows.tolist() == [2, 5, 0, 3, 4]
+    values = torch.arange(5.0)[:, None]
+    assert torch.equal(seg.unpad(seg.pad(values)), values)
+    skewed = ops.Segments.build(torch.tensor([0] * 40 + list(range(1, 20))))
+    assert not skewed.use_grouped  # one hot adapter among many cold ones: loop over segments
     assert ops.Segments.build(torch.tensor([-1, -1])).slots == []
 
 
