@@ -16,7 +16,15 @@ from torch import nn
 
 from coserve.adapters.lora import dora_gain
 from coserve.adapters.types import LoadedAdapter, ModuleDelta
-from coserve.kernels.adapter_ops import Segments, dora_scale, lora_expand, lora_shrink, road_rotate, sparse_delta
+from coserve.kernels.adapter_ops import (
+    Segments,
+    dora_scale,
+    lora_expand,
+    lora_shrink,
+    road_rotate,
+    sparse_csr,
+    sparse_delta,
+)
 
 PACKED_PARTS = {
     "self_attn.qkv_proj": ("q_proj", "k_proj", "v_proj"),
@@ -56,6 +64,7 @@ class AdapterLinear(nn.Module):
         self.dora: dict[str, torch.Tensor] = {}  # gain [S, out]
         self.road: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # c1, c2 [S,out], partner
         self.shira: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # rows, cols, vals [S, K]
+        self.shira_csr: dict[str, list[torch.Tensor | None]] = {}  # per slot [out, in] CSR (CPU fast path)
 
     # ---- slot management (engine thread, between steps) ----
     def clear_slot(self, slot: int) -> None:
@@ -69,6 +78,8 @@ class AdapterLinear(nn.Module):
             partner[slot] = torch.arange(partner.shape[1])
         for _, _, vals in self.shira.values():
             vals[slot] = 0.0
+        for per_slot in self.shira_csr.values():
+            per_slot[slot] = None
 
     def load_slot(self, slot: int, part: str, delta: ModuleDelta) -> None:
         n, s = self.sizes[part], self.num_slots
@@ -104,6 +115,8 @@ class AdapterLinear(nn.Module):
             vals[slot] = 0.0
             rows[slot, :k], cols[slot, :k], vals[slot, :k] = delta.shira_rows, delta.shira_cols, delta.shira_vals
             self.shira[part] = (rows, cols, vals)
+            self.shira_csr.setdefault(part, [None] * s)[slot] = sparse_csr(
+                delta.shira_rows, delta.shira_cols, delta.shira_vals, (n, self.in_features))
 
     # ---- forward ----
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [T, in] -> [T, sum(part sizes)]
@@ -125,7 +138,7 @@ class AdapterLinear(nn.Module):
                 ys[dora_seg.active_rows] = scaled[dora_seg.active_rows]
             if part in self.shira and segs.get("shira") is not None:
                 rows, cols, vals = self.shira[part]
-                ys.add_(sparse_delta(x, rows, cols, vals, n, segs["shira"]))
+                ys.add_(sparse_delta(x, rows, cols, vals, n, segs["shira"], self.shira_csr.get(part)))
             if part in self.road and segs.get("road") is not None:
                 c1, c2, partner = self.road[part]
                 ys.copy_(road_rotate(ys, c1, c2, partner, segs["road"]))

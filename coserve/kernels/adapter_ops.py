@@ -202,6 +202,12 @@ def road_rotate(
 
 
 # ---------------------------------------------------------------- SHiRA sparse delta
+def sparse_csr(rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """One slot's sparse delta as a [out, in] CSR tensor (duplicates summed)."""
+    coo = torch.sparse_coo_tensor(torch.stack([rows, cols]), vals.float(), shape, check_invariants=True)
+    return coo.coalesce().to_sparse_csr()
+
+
 def sparse_delta_ref(
     x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, out_features: int,
     token_slots: torch.Tensor,
@@ -218,12 +224,19 @@ def sparse_delta_ref(
 
 
 def sparse_delta(
-    x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, out_features: int, seg: Segments
+    x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, out_features: int, seg: Segments,
+    csr: list[torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
-    """Per slot segment: contributions [n_s, K] scattered into the output rows; kept sparse."""
+    """Per slot segment: S_s x for the segment's tokens; kept sparse. `csr` optionally holds each slot's
+    matrix as a [out, in] sparse CSR tensor (built once when the slot is loaded), which is much faster."""
     if x.is_cuda:
         return _triton().sparse_delta(x, rows, cols, vals, out_features, seg.token_slots)
     out = torch.zeros(x.shape[0], out_features, dtype=torch.float32)
+    if csr is not None:
+        for s, tok in zip(seg.slots, seg.rows):
+            if csr[s] is not None:
+                out[tok] = (csr[s] @ x[tok].float().T).T
+        return out.to(x.dtype)
     for s, tok in zip(seg.slots, seg.rows):
         contrib = x[tok].float()[:, cols[s]] * vals[s]  # [n_s, K]
         block = torch.zeros(tok.numel(), out_features, dtype=torch.float32)
