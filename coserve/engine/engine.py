@@ -1,5 +1,5 @@
-"""The engine: scheduler + runner + detokenizer in one step() (LLMEngine), and a
-background thread with an asyncio face (AsyncEngine)."""
+"""The engine core: scheduler + adapter residency + runner + detokenizer in one synchronous
+step() (LLMEngine). `async_engine.AsyncEngine` runs it in a loop with an asyncio face."""
 
 from __future__ import annotations
 

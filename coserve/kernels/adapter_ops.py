@@ -59,14 +59,23 @@ class Segments:
     def use_grouped(self) -> bool:
         return bool(self.slots) and len(self.slots) * self.group_len <= PAD_WASTE_LIMIT * self.active_rows.numel()
 
+    @property
+    def no_padding(self) -> bool:
+        """Every group is full (e.g. decodes spread evenly): the padded layout is the sorted rows as is."""
+        return len(self.slots) * self.group_len == self.sorted_rows.numel()
+
     def pad(self, values: torch.Tensor) -> torch.Tensor:
         """Rows of `values` [T', F] in sorted-row order -> zero-padded groups [S', G, F]."""
+        if self.no_padding:
+            return values.view(len(self.slots), self.group_len, values.shape[1])
         padded = values.new_zeros(len(self.slots) * self.group_len, values.shape[1])
         padded[self.padded_index] = values
         return padded.view(len(self.slots), self.group_len, values.shape[1])
 
     def unpad(self, padded: torch.Tensor) -> torch.Tensor:
         """[S', G, F] -> [T', F] in sorted-row order."""
+        if self.no_padding:
+            return padded.reshape(-1, padded.shape[-1])
         return padded.reshape(-1, padded.shape[-1])[self.padded_index]
 
 
@@ -113,11 +122,10 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, seg: Segments) -> torch.T
         return out
     if seg.use_grouped:  # [S', G, in] @ [S', in, R]: each slot's A read once
         a = lora_a.index_select(0, seg.group_slots).float()
-        h = torch.bmm(seg.pad(x[seg.sorted_rows].float()), a.transpose(1, 2))  # [S', G, R]
-        out[seg.sorted_rows] = seg.unpad(h)
-        return out
+        h = torch.bmm(seg.pad(x.index_select(0, seg.sorted_rows).float()), a.transpose(1, 2))  # [S', G, R]
+        return out.index_copy_(0, seg.sorted_rows, seg.unpad(h))
     for s, rows in zip(seg.slots, seg.rows):  # SGMV: one matmul per slot's token segment
-        out[rows] = x[rows].float() @ lora_a[s].float().T
+        out.index_copy_(0, rows, x.index_select(0, rows).float() @ lora_a[s].float().T)
     return out
 
 
@@ -132,12 +140,11 @@ def lora_expand(
         return out
     if seg.use_grouped:  # [S', G, R] @ [S', R, out]: each slot's B read once
         rows = seg.sorted_rows
-        hs = h[rows] * scale[seg.token_slots[rows]][:, None]
+        hs = h.index_select(0, rows) * scale.index_select(0, seg.token_slots.index_select(0, rows))[:, None]
         bt = lora_bt.index_select(0, seg.group_slots).float()
-        out[rows] = seg.unpad(torch.bmm(seg.pad(hs), bt)).to(out_dtype)
-        return out
+        return out.index_copy_(0, rows, seg.unpad(torch.bmm(seg.pad(hs), bt)).to(out_dtype))
     for s, rows in zip(seg.slots, seg.rows):
-        out[rows] = ((h[rows] * scale[s]) @ lora_bt[s].float()).to(out_dtype)
+        out.index_copy_(0, rows, ((h.index_select(0, rows) * scale[s]) @ lora_bt[s].float()).to(out_dtype))
     return out
 
 
@@ -160,7 +167,8 @@ def dora_scale(y: torch.Tensor, gain: torch.Tensor, seg: Segments) -> torch.Tens
     out = y.clone()
     if seg.slots:
         rows = seg.active_rows
-        out[rows] = (y[rows].float() * gain[seg.active_slots].float()).to(y.dtype)
+        scaled = y.index_select(0, rows).float() * gain.index_select(0, seg.active_slots).float()
+        out.index_copy_(0, rows, scaled.to(y.dtype))
     return out
 
 
@@ -192,13 +200,12 @@ def road_rotate(
         return y
     rows, slots = seg.active_rows, seg.active_slots
     every_row = rows.numel() == y.shape[0]
-    ya = y.float() if every_row else y[rows].float()  # [T', out]
-    rotated = (ya * c1[slots] + torch.gather(ya, 1, partner[slots]) * c2[slots]).to(y.dtype)
+    ya = y.float() if every_row else y.index_select(0, rows).float()  # [T', out]
+    c1s, c2s, ps = c1.index_select(0, slots), c2.index_select(0, slots), partner.index_select(0, slots)
+    rotated = (ya * c1s + torch.gather(ya, 1, ps) * c2s).to(y.dtype)
     if every_row:
         return rotated
-    out = y.clone()
-    out[rows] = rotated
-    return out
+    return y.clone().index_copy_(0, rows, rotated)
 
 
 # ---------------------------------------------------------------- SHiRA sparse delta
@@ -235,7 +242,7 @@ def sparse_delta(
     if csr is not None:
         for s, tok in zip(seg.slots, seg.rows):
             if csr[s] is not None:
-                out[tok] = (csr[s] @ x[tok].float().T).T
+                out.index_copy_(0, tok, (csr[s] @ x.index_select(0, tok).float().T).T)
         return out.to(x.dtype)
     for s, tok in zip(seg.slots, seg.rows):
         contrib = x[tok].float()[:, cols[s]] * vals[s]  # [n_s, K]

@@ -104,7 +104,7 @@ async def warm_up(st: ServerState) -> None:
 def create_app(engine: AsyncEngine, config: ServerConfig, external_engine_loop: bool = False) -> FastAPI:
     """The app around an AsyncEngine that is built but not started. With external_engine_loop the
     caller runs the engine loop itself (in the main thread); otherwise the app starts a thread."""
-    metrics = Metrics(config.served_model_name)
+    metrics = Metrics(config.served_model_name, engine.engine.config.max_loras)
     engine.engine.stats = metrics
     st = ServerState(engine, engine.engine.tokenizer, config, metrics, engine.engine.info.max_model_len)
 

@@ -14,7 +14,7 @@ TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 class Metrics:
     """Implements the engine's StatsListener; one registry per app."""
 
-    def __init__(self, model_name: str):
+    def __init__(self, model_name: str, max_loras: int = 0):
         self.registry = CollectorRegistry()
         r, labels = self.registry, ["model_name"]
         self.model_name = model_name
@@ -45,6 +45,12 @@ class Metrics:
         self.gie_waiting = Gauge("vllm:num_requests_waiting", "Requests waiting", labels, registry=r)
         self.gie_running = Gauge("vllm:num_requests_running", "Requests running", labels, registry=r)
         self.gie_kv = Gauge("vllm:kv_cache_usage_perc", "KV-cache usage (0..1)", labels, registry=r)
+        self.max_loras = max_loras
+        self.adapter_load = Histogram("coserve_adapter_load_seconds", "Adapter load time by tier (host: source -> "
+                                      "validated host copy; device: host -> slot)", ["tier"],
+                                      buckets=LATENCY_BUCKETS, registry=r)
+        self.lora_info = Gauge("vllm:lora_requests_info", "Running and waiting adapters (value: a timestamp)",
+                               ["max_lora", "running_lora_adapters", "waiting_lora_adapters"], registry=r)
         for metric in (self.running, self.waiting, self.kv_usage, self.prefix_hit,
                        self.gie_waiting, self.gie_running, self.gie_kv):
             metric.labels(model_name).set(0)
@@ -62,6 +68,12 @@ class Metrics:
             self.preemptions.labels(m).inc(s.num_preempted)
         self.set_load(s.num_running, s.num_waiting, s.kv_usage)
         self.prefix_hit.labels(m).set(s.prefix_hit_rate)
+        self.lora_info.clear()  # one current series, as the Gateway API Inference Extension reads it
+        self.lora_info.labels(str(self.max_loras), ",".join(s.running_adapters),
+                              ",".join(s.waiting_adapters)).set_to_current_time()
+
+    def on_adapter_load(self, timing) -> None:
+        self.adapter_load.labels(timing.tier).observe(timing.seconds)
 
     def set_load(self, running: int, waiting: int, kv_usage: float) -> None:
         m = self.model_name

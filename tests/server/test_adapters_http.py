@@ -75,3 +75,14 @@ def test_bad_adapter_at_start_up_is_refused(demo_tiny, tmp_path):
     srv = start_server(demo_tiny, tmp_path, "--adapter", f"bad={bad}", wait_ready=False)
     assert srv.process.wait(60) != 0
     assert "peft_type" in srv.log()
+
+
+def test_adapter_metrics(adapter_server):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    complete(adapter_server.url, "road")
+    families = {f.name: f for f in text_string_to_metric_families(httpx.get(adapter_server.url + "/metrics").text)}
+    loads = {s.labels["tier"] for s in families["coserve_adapter_load_seconds"].samples if "tier" in s.labels}
+    assert "device" in loads  # adapters preloaded at start-up are timed on their way into a slot
+    info = families["vllm:lora_requests_info"].samples
+    assert len(info) == 1 and info[0].labels["max_lora"] == "2"
