@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from coserve.adapters.types import AdapterError, ModuleDelta, check_tensor
+from coserve.adapters.types import AdapterError, ModuleDelta, check_tensor, take_tensors
 
 CONFIG_KEYS = {
     "r", "lora_alpha", "lora_dropout", "bias", "use_rslora", "use_dora", "rank_pattern", "alpha_pattern",
@@ -64,14 +64,10 @@ def parse_module(
     config: dict[str, Any], parts: dict[str, torch.Tensor], prefix: str, module: str, out_f: int, in_f: int,
     max_rank: int,
 ) -> ModuleDelta:
-    a, b = parts.pop("lora_A.weight", None), parts.pop("lora_B.weight", None)
-    magnitude = parts.pop("lora_magnitude_vector", parts.pop("lora_magnitude_vector.weight", None))
-    if parts:
-        name = f"{prefix}.{sorted(parts)[0]}"
-        raise AdapterError(f"tensor {name} is not a LoRA tensor", name)
-    if a is None or b is None:
-        missing = f"{prefix}.lora_{'A' if a is None else 'B'}.weight"
-        raise AdapterError(f"tensor {missing} is missing", missing)
+    got = take_tensors(parts, prefix, "LoRA", ("lora_A.weight", "lora_B.weight"),
+                       ("lora_magnitude_vector", "lora_magnitude_vector.weight"))
+    a, b = got["lora_A.weight"], got["lora_B.weight"]
+    magnitude = got.get("lora_magnitude_vector", got.get("lora_magnitude_vector.weight"))
     for suffix, t in (("lora_A.weight", a), ("lora_B.weight", b)):
         check_tensor(f"{prefix}.{suffix}", t)
     rank = a.shape[0]

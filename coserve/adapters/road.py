@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from coserve.adapters.types import AdapterError, ModuleDelta, check_tensor
+from coserve.adapters.types import AdapterError, ModuleDelta, check_tensor, take_tensors
 
 CONFIG_KEYS = {"variant", "group_size"}
 _SIZE_FACTOR = {"road_1": 0.5, "road_2": 1, "road_4": 2}  # parameters per output feature
@@ -55,13 +55,8 @@ def parse_module(
     max_rank: int,
 ) -> ModuleDelta:
     variant, g = config.get("variant", "road_1"), config.get("group_size", 64)
-    theta, alpha = parts.pop("road_theta", None), parts.pop("road_alpha", None)
-    if parts:
-        name = f"{prefix}.{sorted(parts)[0]}"
-        raise AdapterError(f"tensor {name} is not a RoAd tensor", name)
-    if theta is None or alpha is None:
-        missing = f"{prefix}.road_{'theta' if theta is None else 'alpha'}"
-        raise AdapterError(f"tensor {missing} is missing", missing)
+    got = take_tensors(parts, prefix, "RoAd", ("road_theta", "road_alpha"))
+    theta, alpha = got["road_theta"], got["road_alpha"]
     if out_f % g:
         raise AdapterError(f"group_size {g} does not divide {prefix}'s {out_f} outputs", "group_size")
     size = int(out_f * _SIZE_FACTOR[variant])

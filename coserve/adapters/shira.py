@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from coserve.adapters.types import AdapterError, ModuleDelta, check_tensor
+from coserve.adapters.types import AdapterError, ModuleDelta, check_tensor, take_tensors
 
 CONFIG_KEYS = {"r", "mask_type", "random_seed"}
 
@@ -25,13 +25,8 @@ def parse_module(
     config: dict[str, Any], parts: dict[str, torch.Tensor], prefix: str, module: str, out_f: int, in_f: int,
     max_rank: int,
 ) -> ModuleDelta:
-    values, indices = parts.pop("shira_weight", None), parts.pop("shira_indices", None)
-    if parts:
-        name = f"{prefix}.{sorted(parts)[0]}"
-        raise AdapterError(f"tensor {name} is not a SHiRA tensor", name)
-    if values is None or indices is None:
-        missing = f"{prefix}.shira_{'weight' if values is None else 'indices'}"
-        raise AdapterError(f"tensor {missing} is missing", missing)
+    got = take_tensors(parts, prefix, "SHiRA", ("shira_weight", "shira_indices"))
+    values, indices = got["shira_weight"], got["shira_indices"]
     check_tensor(f"{prefix}.shira_weight", values)
     if indices.dtype not in (torch.int32, torch.int64):
         raise AdapterError(f"tensor {prefix}.shira_indices must be int32/int64, got {indices.dtype}",

@@ -30,6 +30,19 @@ def check_tensor(name: str, tensor: torch.Tensor, float_only: bool = True) -> No
         raise AdapterError(f"tensor {name} holds NaN or Inf", name)
 
 
+def take_tensors(
+    parts: dict[str, torch.Tensor], prefix: str, method: str, required: tuple[str, ...], optional: tuple[str, ...] = ()
+) -> dict[str, torch.Tensor]:
+    """One module's tensors by suffix: refuses strays and missing ones, naming the tensor."""
+    stray = sorted(set(parts) - set(required) - set(optional))
+    if stray:
+        raise AdapterError(f"tensor {prefix}.{stray[0]} is not a {method} tensor", f"{prefix}.{stray[0]}")
+    missing = [name for name in required if name not in parts]
+    if missing:
+        raise AdapterError(f"tensor {prefix}.{missing[0]} is missing", f"{prefix}.{missing[0]}")
+    return dict(parts)
+
+
 @dataclass(frozen=True)
 class BaseModelShape:
     """What validation needs to know of the base model."""
