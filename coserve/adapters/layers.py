@@ -60,7 +60,9 @@ class AdapterLinear(nn.Module):
         self.sizes = dict(zip(parts, part_sizes))
         self.in_features = base.in_features
         self.num_slots, self.max_rank, self.ctx = num_slots, max_rank, ctx
-        self.lora: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # A [S,R,in], B^T [S,R,out], s [S]
+        # LoRA: A of every part stacked along the rank axis, so one shrink serves all parts of the module.
+        self.lora_a: torch.Tensor | None = None  # [S, parts * R, in]
+        self.lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # part -> B^T [S, R, out], scale [S]
         self.dora: dict[str, torch.Tensor] = {}  # gain [S, out]
         self.road: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # c1, c2 [S,out], partner
         self.shira: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # rows, cols, vals [S, K]
@@ -68,7 +70,9 @@ class AdapterLinear(nn.Module):
 
     # ---- slot management (engine thread, between steps) ----
     def clear_slot(self, slot: int) -> None:
-        for _, b, scale in self.lora.values():
+        if self.lora_a is not None:
+            self.lora_a[slot].zero_()
+        for b, scale in self.lora.values():
             scale[slot] = 0.0
             b[slot].zero_()
         for gain in self.dora.values():
@@ -84,13 +88,14 @@ class AdapterLinear(nn.Module):
     def load_slot(self, slot: int, part: str, delta: ModuleDelta) -> None:
         n, s = self.sizes[part], self.num_slots
         if delta.lora_a is not None:
+            if self.lora_a is None:
+                self.lora_a = torch.zeros(s, len(self.parts) * self.max_rank, self.in_features)
             if part not in self.lora:
-                self.lora[part] = (torch.zeros(s, self.max_rank, self.in_features),
-                                   torch.zeros(s, self.max_rank, n), torch.zeros(s))
-            a, b, scale = self.lora[part]
-            r = delta.rank
-            a[slot].zero_()
-            a[slot, :r] = delta.lora_a
+                self.lora[part] = (torch.zeros(s, self.max_rank, n), torch.zeros(s))
+            b, scale = self.lora[part]
+            r, lo = delta.rank, self.parts.index(part) * self.max_rank
+            self.lora_a[slot, lo : lo + self.max_rank] = 0.0
+            self.lora_a[slot, lo : lo + r] = delta.lora_a
             b[slot].zero_()
             b[slot, :r] = delta.lora_b.T
             scale[slot] = delta.lora_scale
@@ -125,13 +130,15 @@ class AdapterLinear(nn.Module):
         if not segs:
             return y
         bias = getattr(self.base, "bias", None)
-        for part in self.parts:
+        lora_seg, dora_seg = segs.get("lora"), segs.get("dora")
+        h_all = lora_shrink(x, self.lora_a, lora_seg) if self.lora and lora_seg is not None else None  # [T, P*R]
+        for i, part in enumerate(self.parts):
             lo, n = self.offsets[part], self.sizes[part]
             ys = y[:, lo : lo + n]
-            lora_seg, dora_seg = segs.get("lora"), segs.get("dora")
-            if part in self.lora and lora_seg is not None:
-                a, b, scale = self.lora[part]
-                ys.add_(lora_expand(lora_shrink(x, a, lora_seg), b, scale, lora_seg, y.dtype))  # + s B A x
+            if part in self.lora and h_all is not None:
+                b, scale = self.lora[part]
+                h = h_all[:, i * self.max_rank : (i + 1) * self.max_rank]  # [T, R] this part's A x
+                ys.add_(lora_expand(h, b, scale, lora_seg, y.dtype))  # + s B A x
             if part in self.dora and dora_seg is not None:  # DoRA rows: g * (W0 x + s B A x) + bias
                 b_part = bias[lo : lo + n] if bias is not None else 0
                 scaled = dora_scale(ys - b_part, self.dora[part], dora_seg) + b_part

@@ -198,6 +198,15 @@ def road_rotate(
         return _triton().road_rotate(y, c1, c2, partner, seg.token_slots)
     if not seg.slots:
         return y
+    if seg.use_grouped:  # each slot's tables read once and broadcast over its tokens
+        rows = seg.sorted_rows
+        yp = seg.pad(y.index_select(0, rows).float())  # [S', G, out]
+        c1s, c2s = c1.index_select(0, seg.group_slots)[:, None], c2.index_select(0, seg.group_slots)[:, None]
+        ps = partner.index_select(0, seg.group_slots)[:, None].expand_as(yp)
+        rotated = seg.unpad(yp * c1s + torch.gather(yp, 2, ps) * c2s).to(y.dtype)
+        if rows.numel() == y.shape[0]:
+            return torch.empty_like(y).index_copy_(0, rows, rotated)
+        return y.clone().index_copy_(0, rows, rotated)
     rows, slots = seg.active_rows, seg.active_slots
     every_row = rows.numel() == y.shape[0]
     ya = y.float() if every_row else y.index_select(0, rows).float()  # [T', out]
