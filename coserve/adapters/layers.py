@@ -32,7 +32,6 @@ PACKED_PARTS = {
     "mlp.gate_up_proj": ("gate_proj", "up_proj"),
     "mlp.down_proj": ("down_proj",),
 }
-KINDS = ("lora", "dora", "road", "shira")  # DoRA slots are also in "lora"
 
 
 @dataclass
@@ -51,10 +50,9 @@ def base_weight(linear: nn.Module) -> torch.Tensor:
 
 class AdapterLinear(nn.Module):
     def __init__(self, base: nn.Module, parts: tuple[str, ...], part_sizes: list[int], num_slots: int,
-                 max_rank: int, ctx: AdapterContext, dtype: torch.dtype):
+                 max_rank: int, ctx: AdapterContext):
         super().__init__()
-        self.base = base
-        self.dtype = dtype  # the compute dtype of outputs; slot buffers are float32 (CPU float32 bmm is fastest)
+        self.base = base  # slot buffers below are float32 (the CPU's float32 batched matmuls are fastest)
         self.parts = parts
         self.offsets = dict(zip(parts, [sum(part_sizes[:i]) for i in range(len(parts))]))
         self.sizes = dict(zip(parts, part_sizes))
@@ -153,8 +151,7 @@ class AdapterLinear(nn.Module):
         return y
 
 
-def attach_adapter_layers(model: nn.Module, num_slots: int, max_rank: int,
-                          dtype: torch.dtype) -> tuple[AdapterContext, dict]:
+def attach_adapter_layers(model: nn.Module, num_slots: int, max_rank: int) -> tuple[AdapterContext, dict]:
     """Wrap every adapted projection; returns the shared context and {(layer, packed name): wrapper}."""
     ctx = AdapterContext()
     wrappers: dict[tuple[int, str], AdapterLinear] = {}
@@ -168,8 +165,7 @@ def attach_adapter_layers(model: nn.Module, num_slots: int, max_rank: int,
         for packed, parts in PACKED_PARTS.items():
             owner_name, attr = packed.split(".")
             owner = getattr(layer, owner_name)
-            wrapper = AdapterLinear(getattr(owner, attr), parts, [sizes[p] for p in parts], num_slots, max_rank, ctx,
-                                    dtype)
+            wrapper = AdapterLinear(getattr(owner, attr), parts, [sizes[p] for p in parts], num_slots, max_rank, ctx)
             setattr(owner, attr, wrapper)
             wrappers[i, packed] = wrapper
     return ctx, wrappers

@@ -54,8 +54,7 @@ class AdapterRuntime:
 
     def register(self, name: str, source, adapter: LoadedAdapter | None = None) -> None:
         if self.ctx is None:  # first adapter: wrap the projections (a pass over the model)
-            dtype = self.model.model.embed_tokens.weight.dtype  # the compute dtype
-            self.ctx, self.wrappers = attach_adapter_layers(self.model, self.slots.num_slots, self.max_rank, dtype)
+            self.ctx, self.wrappers = attach_adapter_layers(self.model, self.slots.num_slots, self.max_rank)
         self.slots.evict(name)  # a replaced adapter is loaded afresh; running users finish on the old weights
         self.host.register(name, source, adapter)
 
