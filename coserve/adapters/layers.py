@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from coserve.adapters.lora import dora_gain
-from coserve.adapters.types import LoadedAdapter, ModuleDelta
+from coserve.adapters.types import BaseModelShape, LoadedAdapter, ModuleDelta
 from coserve.kernels.adapter_ops import (
     Segments,
     dora_scale,
@@ -151,16 +151,13 @@ class AdapterLinear(nn.Module):
         return y
 
 
-def attach_adapter_layers(model: nn.Module, num_slots: int, max_rank: int) -> tuple[AdapterContext, dict]:
+def attach_adapter_layers(
+    model: nn.Module, shape: BaseModelShape, num_slots: int, max_rank: int
+) -> tuple[AdapterContext, dict]:
     """Wrap every adapted projection; returns the shared context and {(layer, packed name): wrapper}."""
     ctx = AdapterContext()
     wrappers: dict[tuple[int, str], AdapterLinear] = {}
-    cfg = model.config
-    sizes = {
-        "q_proj": cfg.num_attention_heads * cfg.head_dim, "k_proj": cfg.num_key_value_heads * cfg.head_dim,
-        "v_proj": cfg.num_key_value_heads * cfg.head_dim, "o_proj": cfg.hidden_size,
-        "gate_proj": cfg.intermediate_size, "up_proj": cfg.intermediate_size, "down_proj": cfg.hidden_size,
-    }
+    sizes = {name: out_features for name, (out_features, _) in shape.module_shapes.items()}
     for i, layer in enumerate(model.model.layers):
         for packed, parts in PACKED_PARTS.items():
             owner_name, attr = packed.split(".")

@@ -51,11 +51,6 @@ class HostCache:
             if preload is not None:
                 self._put(name, preload)
 
-    def unregister(self, name: str) -> None:
-        with self._lock:
-            self.sources.pop(name, None)
-            self._cache.pop(name, None)
-
     def known(self, name: str) -> bool:
         return name in self.sources
 

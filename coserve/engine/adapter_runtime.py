@@ -54,7 +54,8 @@ class AdapterRuntime:
 
     def register(self, name: str, source, adapter: LoadedAdapter | None = None) -> None:
         if self.ctx is None:  # first adapter: wrap the projections (a pass over the model)
-            self.ctx, self.wrappers = attach_adapter_layers(self.model, self.slots.num_slots, self.max_rank)
+            self.ctx, self.wrappers = attach_adapter_layers(self.model, self.shape, self.slots.num_slots,
+                                                            self.max_rank)
         self.slots.evict(name)  # a replaced adapter is loaded afresh; running users finish on the old weights
         self.host.register(name, source, adapter)
 
