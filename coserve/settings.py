@@ -45,6 +45,9 @@ class ServerConfig:
     max_stop_length: int
     max_top_logprobs: int
     max_body_bytes: int
+    max_upload_bytes: int = 256 * 2**20  # cap on an adapter upload (and on an archive's unpacked size)
+    rate_limit_rps: float = 0.0  # requests a second per tenant (0: no limit)
+    rate_limit_burst: int = 20
 
 
 class ServeSettings(BaseSettings):
@@ -79,9 +82,18 @@ class ServeSettings(BaseSettings):
     max_loras: int = Field(8, ge=1, description="adapter slots on the device (adapters in one batch)")
     max_cpu_loras: int = Field(32, ge=1, description="validated adapters kept in host memory")
     max_lora_rank: int = Field(16, ge=1, le=512, description="highest LoRA rank accepted")
+    redis_url: str | None = Field(None, description="external Redis for the adapter store (default: a private "
+                                  "redis-server under data-dir, AOF on)")
+    store_prefix: str = Field("coserve", description="prefix of the store's Redis keys")
+    api_keys_file: Path | None = Field(None, description="YAML/JSON file of API keys -> tenant and role (re-read "
+                                       "when it changes)")
+    api_keys: str | None = Field(None, description="KEY=TENANT[:ROLE],... (prefer the environment variable)")
+    rate_limit_rps: float = Field(0.0, ge=0, description="requests a second per tenant (0: unlimited)")
+    rate_limit_burst: int = Field(20, ge=1, description="requests a tenant may send at once above the rate")
+    max_upload_bytes: int = Field(256 * 2**20, description="cap on an adapter upload and its unpacked archive")
     log_level: str = Field("info", description="debug | info | warning | error")
 
-    @field_validator("kv_cache_memory", "max_body_bytes", mode="before")
+    @field_validator("kv_cache_memory", "max_body_bytes", "max_upload_bytes", mode="before")
     @classmethod
     def _sizes(cls, value: Any) -> int:
         return parse_size(value)
@@ -152,4 +164,7 @@ class ServeSettings(BaseSettings):
             max_stop_length=self.max_stop_length,
             max_top_logprobs=self.max_top_logprobs,
             max_body_bytes=self.max_body_bytes,
+            max_upload_bytes=self.max_upload_bytes,
+            rate_limit_rps=self.rate_limit_rps,
+            rate_limit_burst=self.rate_limit_burst,
         )

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-from coserve.adapters.types import AdapterError, LoadedAdapter
+from coserve.adapters.types import LoadedAdapter
 
 log = logging.getLogger("coserve.adapters")
 
@@ -51,6 +51,13 @@ class HostCache:
             if preload is not None:
                 self._put(name, preload)
 
+    def forget(self, name: str) -> None:
+        """Drop `name` entirely (a retired revision): its source, cached copy and any failure."""
+        with self._lock:
+            self.sources.pop(name, None)
+            self._cache.pop(name, None)
+            self.failed.pop(name, None)
+
     def known(self, name: str) -> bool:
         return name in self.sources
 
@@ -78,7 +85,7 @@ class HostCache:
         start = time.perf_counter()
         try:
             adapter = source()
-        except (AdapterError, OSError) as exc:
+        except Exception as exc:  # noqa: BLE001 - reported to the waiting requests, never lost
             log.error("adapter %s failed to load: %s", name, exc)
             with self._lock:
                 self.failed[name] = str(exc)
@@ -144,10 +151,14 @@ class SlotTable:
             self.users[slot] -= 1
 
     def evict(self, name: str) -> None:
-        """Forget `name`'s slot (a deleted or replaced adapter); running users keep their weights until done."""
-        slot = self.slot_of.pop(name, None)
-        if slot is not None:
-            self._lru.move_to_end(slot, last=False)
+        """Free `name`'s slot (a deleted or replaced adapter); only when no running sequence uses it."""
+        slot = self.slot_of.get(name)
+        if slot is None:
+            return
+        if self.users[slot]:
+            raise RuntimeError(f"adapter {name} is in use by {self.users[slot]} running sequences")
+        del self.slot_of[name]
+        self._lru.move_to_end(slot, last=False)
 
     def resident(self) -> list[str]:
         return sorted(self.slot_of)

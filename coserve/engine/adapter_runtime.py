@@ -53,11 +53,19 @@ class AdapterRuntime:
         return adapter
 
     def register(self, name: str, source, adapter: LoadedAdapter | None = None) -> None:
+        """Make `name` servable from `source`. Replacing a name needs it idle (stored adapters never replace:
+        each revision has its own name, so running requests finish on the revision they started with)."""
         if self.ctx is None:  # first adapter: wrap the projections (a pass over the model)
             self.ctx, self.wrappers = attach_adapter_layers(self.model, self.shape, self.slots.num_slots,
                                                             self.max_rank)
-        self.slots.evict(name)  # a replaced adapter is loaded afresh; running users finish on the old weights
+        self.slots.evict(name)
         self.host.register(name, source, adapter)
+
+    def forget(self, name: str) -> None:
+        """Drop an idle adapter from the device slots and the host cache."""
+        self.slots.evict(name)
+        self.slots.pinned.discard(name)
+        self.host.forget(name)
 
     def pin(self, name: str) -> None:
         """Keep `name` in its device slot once loaded, even when idle."""
@@ -116,5 +124,6 @@ class AdapterRuntime:
         if self.ctx is not None:
             self.ctx.segments = {}
 
-    def waiting_failures(self, adapter_ids: set[str]) -> dict[str, str]:
-        return {a: self.host.failed[a] for a in adapter_ids if a in self.host.failed}
+    def take_failures(self, adapter_ids: set[str]) -> dict[str, str]:
+        """Load failures of these adapters, cleared so that a later request tries again."""
+        return {a: self.host.failed.pop(a) for a in adapter_ids if a in self.host.failed}

@@ -18,9 +18,11 @@ import queue
 import threading
 import time
 import traceback
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
+from coserve.adapters.registry import AdapterSource
+from coserve.adapters.types import LoadedAdapter
 from coserve.engine.engine import LLMEngine, RequestOutput
 from coserve.scheduler.request import SamplingParams
 
@@ -90,7 +92,8 @@ class AsyncEngine:
 
     # ---- requests ----
     async def generate(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, adapter_id: str | None = None
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, adapter_id: str | None = None,
+        adapter_source: AdapterSource | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Queue a request and yield its outputs until it finishes; leaving early aborts it."""
         if not self.alive:
@@ -101,7 +104,7 @@ class AsyncEngine:
             if request_id in self._streams:
                 raise ValueError(f"duplicate request id {request_id!r}")
             self._streams[request_id] = stream
-        self._send(("add", request_id, prompt_token_ids, params, adapter_id))
+        self._send(("add", request_id, prompt_token_ids, params, adapter_id, adapter_source))
         finished = False
         try:
             while True:
@@ -123,6 +126,14 @@ class AsyncEngine:
 
     def abort_all(self, reason: str = "aborted") -> None:
         self._send(("abort_all", reason))
+
+    def retire_adapters(self, match: Callable[[str], bool]) -> None:
+        """Drop the adapters `match` selects from host and device once idle (see LLMEngine.retire_adapters)."""
+        self._send(("retire", match))
+
+    def register_adapter(self, name: str, source: AdapterSource, adapter: LoadedAdapter | None = None) -> None:
+        """Register (or, when idle, replace) a named adapter on the engine thread."""
+        self._send(("register", name, source, adapter))
 
     def _send(self, command: tuple) -> None:
         self._commands.put(command)
@@ -150,11 +161,18 @@ class AsyncEngine:
             applied = True
             kind = command[0]
             if kind == "add":
-                _, request_id, prompt, params, adapter_id = command
+                _, request_id, prompt, params, adapter_id, source = command
                 try:
-                    self.engine.add_request(request_id, prompt, params, adapter_id)
+                    self.engine.add_request(request_id, prompt, params, adapter_id, source)
                 except Exception as exc:  # rejected: tell the caller, keep going
                     self._deliver(exc, request_id)
+            elif kind == "retire":
+                self.engine.retire_adapters(command[1])
+            elif kind == "register":
+                try:
+                    self.engine.register_adapter(*command[1:])
+                except RuntimeError as exc:  # in use: keep serving the current one
+                    log.error("adapter %s not replaced: %s", command[1], exc)
             elif kind == "abort":
                 out = self.engine.abort(command[1])
                 if out is not None:

@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from coserve.adapters.registry import AdapterSource
+from coserve.adapters.types import LoadedAdapter
 from coserve.engine.adapter_runtime import AdapterRuntime
 from coserve.engine.detokenizer import IncrementalDetokenizer
-from coserve.engine.loader import load_model
+from coserve.engine.loader import checkpoint_fingerprint, load_model
 from coserve.engine.quantize import QuantizeReport, quantize_model
 from coserve.engine.runner import KVCacheLayout, ModelRunner, allocate_kv_cache, plan_kv_cache
 from coserve.engine.stats import RequestStats, StatsListener, StepStats
@@ -85,6 +88,7 @@ class EngineInfo:
     quantize: QuantizeReport
     kv: KVCacheLayout
     max_model_len: int
+    fingerprint: str  # of the base checkpoint: stored adapters record the base they were validated on
 
 
 class LLMEngine:
@@ -99,7 +103,8 @@ class LLMEngine:
         mc = self.model.config
         max_len = config.max_model_len or min(mc.max_position_embeddings, 8192)
         layout = plan_kv_cache(mc, config.kv_cache_memory, config.block_size, dtype)
-        self.info = EngineInfo(str(Path(config.model)), config.dtype, self.quantize_report, layout, max_len)
+        self.info = EngineInfo(str(Path(config.model)), config.dtype, self.quantize_report, layout, max_len,
+                               checkpoint_fingerprint(config.model))
         self.eos_token_ids = frozenset(mc.eos_token_ids) | self.tokenizer.eos_token_ids
         sched_config = SchedulerConfig(
             max_num_seqs=config.max_num_seqs,
@@ -117,6 +122,7 @@ class LLMEngine:
         self.stats = stats
         self._requests: dict[str, _RequestState] = {}
         self.last_step_tokens = 0  # tokens the last step computed (0: waiting on adapter loads, say)
+        self._retired: set[str] = set()  # adapters to drop once no request uses them
 
     def _adapter_timing(self, timing) -> None:
         if self.stats is not None and hasattr(self.stats, "on_adapter_load"):
@@ -128,10 +134,17 @@ class LLMEngine:
         self.scheduler.check_fits(num_prompt_tokens, params.max_tokens)
 
     def add_request(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, adapter_id: str | None = None
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, adapter_id: str | None = None,
+        adapter_source: AdapterSource | None = None,
     ) -> None:
+        """Queue a request. An adapter the engine does not know yet is registered from `adapter_source`
+        (a stored revision: loaded in the background while the request waits)."""
         if adapter_id is not None and not self.adapters.known(adapter_id):
-            raise RequestRejected(f"The model `{adapter_id}` does not exist.", "model")
+            if adapter_source is None:
+                raise RequestRejected(f"The model `{adapter_id}` does not exist.", "model")
+            self.adapters.register(adapter_id, adapter_source)
+        if adapter_source is not None:
+            self._retired.discard(adapter_id)  # the caller resolved it as current
         now = time.monotonic()
         seqs = [
             Sequence(request_id, i, list(prompt_token_ids), params, adapter_id, now, self.eos_token_ids)
@@ -154,6 +167,25 @@ class LLMEngine:
             if out is not None:
                 out.error = error
         return [o for o in outs if o is not None]
+
+    def register_adapter(self, name: str, source: AdapterSource, adapter: LoadedAdapter | None = None) -> None:
+        """Serve `name` from `source` (replacing it needs it idle: RuntimeError otherwise)."""
+        self.adapters.register(name, source, adapter)
+        self._retired.discard(name)
+
+    def retire_adapters(self, match: Callable[[str], bool]) -> None:
+        """Drop the adapters `match` selects (replaced or deleted revisions) from the host cache and the
+        device slots; those still used by queued or running requests go once those finish."""
+        self._retired |= {name for name in self.adapters.names() if match(name)}
+        self._collect_retired()
+
+    def _collect_retired(self) -> None:
+        if not self._retired:
+            return
+        in_use = self.scheduler.running_adapters() | self.scheduler.waiting_adapters()
+        for name in self._retired - in_use:
+            self.adapters.forget(name)
+        self._retired &= in_use
 
     def publish_load(self) -> None:
         """Report running/waiting counts and KV use (after aborts, when no step follows)."""
@@ -205,6 +237,7 @@ class LLMEngine:
             new_tokens.setdefault(seq.request_id, {})[seq.index] = up.sampled
         outputs = failed + [self._emit(self._requests[rid], idx, new_tokens[rid], now)
                             for rid, idx in touched.items()]
+        self._collect_retired()
         if self.stats is not None and not scheduled.is_empty:
             self.stats.on_step(
                 StepStats(
@@ -230,7 +263,7 @@ class LLMEngine:
         for adapter_id in waiting:
             self.adapters.host.prefetch(adapter_id)
         outputs = []
-        for adapter_id, reason in self.adapters.waiting_failures(waiting).items():
+        for adapter_id, reason in self.adapters.take_failures(waiting).items():
             for rid in {s.request_id for s in self.scheduler.waiting if s.adapter_id == adapter_id}:
                 out = self.abort(rid)
                 if out is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -31,6 +32,22 @@ def weight_files(model_dir: Path) -> list[Path]:
     if list(model_dir.glob("*.bin")) or list(model_dir.glob("*.pt")):
         raise ValueError(f"{model_dir} holds only pickle weights (.bin/.pt); coserve loads safetensors only")
     raise FileNotFoundError(f"{model_dir} has no model.safetensors nor model.safetensors.index.json")
+
+
+FINGERPRINT_SAMPLE_BYTES = 1 << 20
+
+
+def checkpoint_fingerprint(model_dir: str | Path) -> str:
+    """Identifies the base weights (not the serving dtype or quantization): sha256 over config.json and,
+    per weight file, its safetensors header plus the first MiB of tensor data. 16 hex digits."""
+    model_dir = Path(model_dir)
+    digest = hashlib.sha256((model_dir / "config.json").read_bytes())
+    for file in weight_files(model_dir):
+        with file.open("rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            digest.update(f.read(header_len))
+            digest.update(f.read(FINGERPRINT_SAMPLE_BYTES))
+    return digest.hexdigest()[:16]
 
 
 def _packed_target(key: str) -> tuple[str, int] | None:

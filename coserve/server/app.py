@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import uuid
 from contextlib import asynccontextmanager
 
@@ -13,8 +14,12 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from coserve.adapters.store import AdapterStore, StoreUnavailable
 from coserve.engine.async_engine import AsyncEngine
 from coserve.scheduler.request import SamplingParams
+from coserve.server.adapter_routes import on_store_event
+from coserve.server.adapter_routes import router as adapter_router
+from coserve.server.auth import KeyRing, RateLimiter
 from coserve.server.metrics import Metrics
 from coserve.server.openai_routes import router as openai_router
 from coserve.server.schemas import error_body
@@ -24,12 +29,16 @@ from coserve.settings import ServerConfig
 log = logging.getLogger("coserve.server")
 
 
+UPLOAD_PATHS = ("/v1/adapters",)
+
+
 class RequestIdAndBodyLimit:
     """Pure ASGI middleware (keeps streaming and disconnect detection intact):
-    tags every response with x-request-id and answers 413 to bodies over the cap."""
+    tags every response with x-request-id and answers 413 to bodies over the cap
+    (uploads have their own, larger cap)."""
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int):
-        self.app, self.max_body_bytes = app, max_body_bytes
+    def __init__(self, app: ASGIApp, max_body_bytes: int, max_upload_bytes: int):
+        self.app, self.max_body_bytes, self.max_upload_bytes = app, max_body_bytes, max_upload_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -37,10 +46,10 @@ class RequestIdAndBodyLimit:
         headers = dict(scope.get("headers") or [])
         request_id = headers.get(b"x-request-id", b"").decode("latin-1")[:128] or uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
-        too_large = error_body(f"request body exceeds {self.max_body_bytes} bytes", "invalid_request_error",
-                               None, 413)
+        cap = self.max_upload_bytes if scope.get("path") in UPLOAD_PATHS else self.max_body_bytes
+        too_large = error_body(f"request body exceeds {cap} bytes", "invalid_request_error", None, 413)
         length = headers.get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
+        if length is not None and length.isdigit() and int(length) > cap:
             response = JSONResponse(too_large, status_code=413, headers={"x-request-id": request_id})
             return await response(scope, receive, send)
         received = 0
@@ -50,7 +59,7 @@ class RequestIdAndBodyLimit:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_body_bytes:
+                if received > cap:
                     raise ApiError(413, too_large["error"]["message"])
             return message
 
@@ -72,6 +81,12 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError):
         return JSONResponse(error_body(exc.message, exc.type, exc.param, exc.status), exc.status, headers=exc.headers)
+
+    @app.exception_handler(StoreUnavailable)
+    async def store_unavailable(_: Request, exc: StoreUnavailable):
+        log.warning("%s", exc)
+        return JSONResponse(error_body(str(exc), "service_unavailable", None, 503), 503,
+                            headers={"Retry-After": "1"})
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError):
@@ -101,12 +116,20 @@ async def warm_up(st: ServerState) -> None:
     log.info("warm-up generation succeeded; ready")
 
 
-def create_app(engine: AsyncEngine, config: ServerConfig, external_engine_loop: bool = False) -> FastAPI:
+def create_app(engine: AsyncEngine, config: ServerConfig, external_engine_loop: bool = False,
+               store: AdapterStore | None = None, keys: KeyRing | None = None,
+               shared_adapters: set[str] | None = None) -> FastAPI:
     """The app around an AsyncEngine that is built but not started. With external_engine_loop the
-    caller runs the engine loop itself (in the main thread); otherwise the app starts a thread."""
+    caller runs the engine loop itself (in the main thread); otherwise the app starts a thread.
+    `store` is the Redis adapter store, `keys` the tenants' API keys (None: open, one tenant),
+    `shared_adapters` the names registered in the engine for every tenant (--adapter)."""
     metrics = Metrics(config.served_model_name, engine.engine.config.max_loras)
     engine.engine.stats = metrics
-    st = ServerState(engine, engine.engine.tokenizer, config, metrics, engine.engine.info.max_model_len)
+    limiter = RateLimiter(config.rate_limit_rps, config.rate_limit_burst) if config.rate_limit_rps else None
+    st = ServerState(engine, engine.engine.tokenizer, config, metrics, engine.engine.info.max_model_len,
+                     store=store, keys=keys or KeyRing(), limiter=limiter,
+                     shared_adapters=set(shared_adapters or ()))
+    stop_events = threading.Event()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -117,8 +140,11 @@ def create_app(engine: AsyncEngine, config: ServerConfig, external_engine_loop: 
             if engine.alive:
                 break
             await asyncio.sleep(0.05)
+        if store is not None:
+            store.listen(lambda event: on_store_event(st, event), stop_events)
         await warm_up(st)
         yield
+        stop_events.set()
         st.draining = True
         engine.abort_all()
         await asyncio.sleep(0.05)
@@ -128,6 +154,7 @@ def create_app(engine: AsyncEngine, config: ServerConfig, external_engine_loop: 
     app.state.coserve = st
     install_error_handlers(app)
     app.include_router(openai_router)
+    app.include_router(adapter_router)
 
     @app.get("/health")
     async def health():
@@ -141,11 +168,21 @@ def create_app(engine: AsyncEngine, config: ServerConfig, external_engine_loop: 
             return JSONResponse({"status": "draining"}, 503)
         if not st.ready or not engine.alive:
             return JSONResponse({"status": "starting" if engine.alive else "dead"}, 503)
+        if store is not None and not await _store_answers(store):
+            return JSONResponse({"status": "store unavailable"}, 503)
         return {"status": "ready"}
 
     @app.get("/metrics")
     async def metrics_endpoint():
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    app.add_middleware(RequestIdAndBodyLimit, max_body_bytes=config.max_body_bytes)
+    app.add_middleware(RequestIdAndBodyLimit, max_body_bytes=config.max_body_bytes,
+                       max_upload_bytes=config.max_upload_bytes)
     return app
+
+
+async def _store_answers(store: AdapterStore, timeout_s: float = 2.0) -> bool:
+    try:
+        return await asyncio.wait_for(asyncio.to_thread(store.ping), timeout_s)
+    except asyncio.TimeoutError:
+        return False

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from coserve.engine.engine import RequestOutput
@@ -25,9 +25,10 @@ from coserve.server.schemas import (
     new_id,
     now,
 )
-from coserve.server.state import ApiError, ServerState
+from coserve.server.state import ApiError, ServerState, authorize
 
-router = APIRouter()
+router = APIRouter(dependencies=[Depends(authorize)])
+MODELS_PAGE = 200
 
 
 def server_state(request: Request) -> ServerState:
@@ -36,11 +37,21 @@ def server_state(request: Request) -> ServerState:
 
 @router.get("/v1/models")
 async def list_models(request: Request) -> dict:
+    """The base model, the shared adapters, and the caller's own stored adapters (never another tenant's)."""
     st = server_state(request)
+    tenant = request.state.principal.tenant
     name = st.config.served_model_name
     base = {"object": "model", "created": st.created, "owned_by": "coserve", "max_model_len": st.max_model_len}
     data = [{"id": name, **base, "root": st.engine.engine.info.model_dir, "parent": None}]
-    data += [{"id": a, **base, "root": a, "parent": name} for a in st.engine.engine.adapters.names()]
+    data += [{"id": a, **base, "root": a, "parent": name} for a in sorted(st.shared_adapters)]
+    after = None
+    while st.store is not None:
+        records, more = await asyncio.to_thread(st.store.list, tenant, after, MODELS_PAGE)
+        data += [{"id": r.name, **base, "created": int(r.created), "owned_by": tenant, "root": r.name,
+                  "parent": name} for r in records]
+        if not more or not records:
+            break
+        after = records[-1].name
     return {"object": "list", "data": data}
 
 
@@ -148,10 +159,10 @@ class _Generation:
     """One API call: its prompts, engine streams and the choices being assembled."""
 
     def __init__(self, st: ServerState, prompts: list[list[int]], params: SamplingParams, request_id: str,
-                 adapter_id: str | None):
+                 adapter: tuple[str | None, Any]):
         self.st, self.prompts, self.params = st, prompts, params
         self.choices = [_Choice() for _ in range(len(prompts) * params.n)]
-        streams = [st.engine.generate(f"{request_id}-{i}", p, params, adapter_id) for i, p in enumerate(prompts)]
+        streams = [st.engine.generate(f"{request_id}-{i}", p, params, *adapter) for i, p in enumerate(prompts)]
         self.outputs = _merge(streams)
         self.completion_tokens = 0
 
@@ -246,12 +257,12 @@ def _request_id(request: Request) -> str:
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request):
     st = server_state(request)
-    adapter_id = st.resolve_model(body.model)
+    adapter = await st.resolve_model(request.state.principal, body.model)
     prompts = _tokenize_prompts(st, body.prompt)
     params = _sampling_params(st, body, body.max_tokens or 16, body.logprobs)
     _check_lengths(st, prompts, params, "prompt")
     st.check_accepting()
-    gen = _Generation(st, prompts, params, _request_id(request), adapter_id)
+    gen = _Generation(st, prompts, params, _request_id(request), adapter)
     base = {"id": new_id("cmpl"), "object": "text_completion", "created": now(), "model": body.model}
 
     if body.stream:
@@ -276,7 +287,7 @@ async def completions(body: CompletionRequest, request: Request):
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     st = server_state(request)
-    adapter_id = st.resolve_model(body.model)
+    adapter = await st.resolve_model(request.state.principal, body.model)
     try:
         messages = [{**m.model_dump(exclude_none=True), "content": m.text()} for m in body.messages]
         prompt = st.tokenizer.encode_chat(messages)
@@ -290,7 +301,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     params = _sampling_params(st, body, max_tokens, (top or 0) if body.logprobs else None)
     _check_lengths(st, [prompt], params, "messages")
     st.check_accepting()
-    gen = _Generation(st, [prompt], params, _request_id(request), adapter_id)
+    gen = _Generation(st, [prompt], params, _request_id(request), adapter)
     base = {"id": new_id("chatcmpl"), "object": "chat.completion.chunk", "created": now(), "model": body.model}
 
     if body.stream:

@@ -18,11 +18,14 @@ from pathlib import Path
 import torch
 import uvicorn
 
+from coserve.adapters.embedded_redis import EmbeddedRedis
+from coserve.adapters.store import AdapterStore, connect
 from coserve.adapters.types import AdapterError
 from coserve.engine.async_engine import AsyncEngine
 from coserve.engine.demo import write_demo_model
 from coserve.engine.engine import LLMEngine
 from coserve.server.app import create_app
+from coserve.server.auth import OPEN_TENANT, KeyRing, KeysError
 from coserve.settings import ServeSettings
 
 log = logging.getLogger("coserve.server")
@@ -86,6 +89,15 @@ def serve(settings: ServeSettings) -> None:
         torch.set_num_threads(settings.torch_threads)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     model_dir = resolve_model(settings)
+    try:
+        keys = KeyRing(settings.api_keys_file, settings.api_keys)
+    except KeysError as exc:
+        raise SystemExit(f"API keys refused: {exc}") from exc
+    if keys.open:
+        log.warning("no API keys configured: running open, every caller is tenant %r with admin rights "
+                    "(set --api-keys-file or COSERVE_API_KEYS)", OPEN_TENANT)
+    else:
+        log.info("%d API keys configured; adapters are per tenant", keys.count())
     engine = LLMEngine(settings.engine_config(model_dir))
     for name, path in settings.adapter_specs():
         try:
@@ -102,9 +114,11 @@ def serve(settings: ServeSettings) -> None:
     log.info("KV cache: %d blocks of %d tokens (%.1f MiB); context window %d tokens",
              info.kv.num_blocks, info.kv.block_size, info.kv.num_blocks * info.kv.bytes_per_block / 2**20,
              info.max_model_len)
+    embedded, store = open_store(settings)
     server_config = settings.server_config(model_dir)
     async_engine = AsyncEngine(engine)
-    app = create_app(async_engine, server_config, external_engine_loop=True)
+    app = create_app(async_engine, server_config, external_engine_loop=True, store=store, keys=keys,
+                     shared_adapters={name for name, _ in settings.adapter_specs()})
     uv_config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                                timeout_graceful_shutdown=5)
     server = DrainingServer(uv_config, app, settings.shutdown_timeout)
@@ -115,10 +129,30 @@ def serve(settings: ServeSettings) -> None:
     log.info("serving model %r at http://%s:%d/v1", server_config.served_model_name, settings.host, settings.port)
     watcher = threading.Thread(target=_stop_engine_when_done, args=(http_thread, async_engine), daemon=True)
     watcher.start()
-    async_engine.run()  # the engine loop owns the main thread until the HTTP server is gone
-    http_thread.join(10)
+    try:
+        async_engine.run()  # the engine loop owns the main thread until the HTTP server is gone
+        http_thread.join(10)
+    finally:
+        if embedded is not None:
+            embedded.stop()
     if not server.started:
         raise SystemExit(f"the HTTP server did not start on {settings.host}:{settings.port} (see the log above)")
+
+
+def open_store(settings: ServeSettings) -> tuple[EmbeddedRedis | None, AdapterStore]:
+    """The adapter store on --redis-url, or on a private redis-server under the data directory."""
+    embedded = None
+    url = settings.redis_url
+    if url is None:
+        embedded = EmbeddedRedis(Path(settings.data_dir) / "redis").start()
+        url = embedded.url
+    store = AdapterStore(connect(url), prefix=settings.store_prefix)
+    if not store.ping():
+        if embedded is not None:
+            embedded.stop()
+        raise SystemExit(f"the adapter store at {url} does not answer")
+    log.info("adapter store: %s (prefix %r)", url if embedded is None else "embedded " + url, settings.store_prefix)
+    return embedded, store
 
 
 def _stop_engine_when_done(http_thread: threading.Thread, engine: AsyncEngine) -> None:
