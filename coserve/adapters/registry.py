@@ -64,6 +64,10 @@ class HostCache:
     def names(self) -> list[str]:
         return sorted(self.sources)
 
+    @property
+    def num_cached(self) -> int:
+        return len(self._cache)
+
     def ready(self, name: str) -> bool:
         with self._lock:
             return name in self._cache

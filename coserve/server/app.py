@@ -125,7 +125,7 @@ def create_app(engine: AsyncEngine, config: ServerConfig, external_engine_loop: 
     `shared_adapters` the names registered in the engine for every tenant (--adapter)."""
     metrics = Metrics(config.served_model_name, engine.engine.config.max_loras)
     engine.engine.stats = metrics
-    limiter = RateLimiter(config.rate_limit_rps, config.rate_limit_burst) if config.rate_limit_rps else None
+    limiter = RateLimiter(config.rate_limit_rps, config.rate_limit_burst)  # per-key overrides even when 0
     st = ServerState(engine, engine.engine.tokenizer, config, metrics, engine.engine.info.max_model_len,
                      store=store, keys=keys or KeyRing(), limiter=limiter,
                      shared_adapters=set(shared_adapters or ()))
@@ -174,6 +174,8 @@ def create_app(engine: AsyncEngine, config: ServerConfig, external_engine_loop: 
 
     @app.get("/metrics")
     async def metrics_endpoint():
+        runtime = engine.engine.adapters
+        metrics.set_resident(runtime.host.num_cached, len(runtime.slots.slot_of))
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     app.add_middleware(RequestIdAndBodyLimit, max_body_bytes=config.max_body_bytes,

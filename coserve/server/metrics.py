@@ -46,9 +46,11 @@ class Metrics:
         self.gie_running = Gauge("vllm:num_requests_running", "Requests running", labels, registry=r)
         self.gie_kv = Gauge("vllm:kv_cache_usage_perc", "KV-cache usage (0..1)", labels, registry=r)
         self.max_loras = max_loras
-        self.adapter_load = Histogram("coserve_adapter_load_seconds", "Adapter load time by tier (host: source -> "
-                                      "validated host copy; device: host -> slot)", ["tier"],
-                                      buckets=LATENCY_BUCKETS, registry=r)
+        self.adapter_load = Histogram("coserve_adapter_load_seconds", "Adapter load time by tier (store: bytes "
+                                      "from Redis; host: source -> validated host copy, store fetch included; "
+                                      "device: host -> slot)", ["tier"], buckets=LATENCY_BUCKETS, registry=r)
+        self.adapters_resident = Gauge("coserve_adapters_resident", "Adapters (revisions) held per tier",
+                                       ["tier"], registry=r)
         self.lora_info = Gauge("vllm:lora_requests_info", "Running and waiting adapters (value: a timestamp)",
                                ["max_lora", "running_lora_adapters", "waiting_lora_adapters"], registry=r)
         for metric in (self.running, self.waiting, self.kv_usage, self.prefix_hit,
@@ -90,6 +92,10 @@ class Metrics:
         if s.num_generated_tokens:
             self.prefill.labels(m).observe(s.prefill_time_s)
             self.decode.labels(m).observe(s.decode_time_s)
+
+    def set_resident(self, host: int, device: int) -> None:
+        self.adapters_resident.labels("host").set(host)
+        self.adapters_resident.labels("device").set(device)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

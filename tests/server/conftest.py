@@ -26,6 +26,8 @@ class LiveServer:
     process: subprocess.Popen
     url: str
     log_path: Path
+    model_dir: Path
+    data_dir: Path
 
     @property
     def base_url(self) -> str:
@@ -50,7 +52,7 @@ def start_server(model_dir: Path, tmp: Path, *extra: str, wait_ready: bool = Tru
            "--data-dir", str(tmp), "--kv-cache-memory", "64MiB", *extra]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, stdout=log_path.open("w"), stderr=subprocess.STDOUT, env=env)
-    server = LiveServer(proc, f"http://127.0.0.1:{port}", log_path)
+    server = LiveServer(proc, f"http://127.0.0.1:{port}", log_path, Path(model_dir), Path(tmp))
     deadline = time.monotonic() + 120
     while wait_ready:
         if proc.poll() is not None:
