@@ -47,6 +47,7 @@ class LiveServer:
 
 def start_server(model_dir: Path, tmp: Path, *extra: str, wait_ready: bool = True) -> LiveServer:
     port = free_port()
+    Path(tmp).mkdir(parents=True, exist_ok=True)
     log_path = tmp / f"server-{port}.log"
     cmd = [sys.executable, "-m", "coserve.cli", "serve", "--model", str(model_dir), "--port", str(port),
            "--data-dir", str(tmp), "--kv-cache-memory", "64MiB", *extra]
