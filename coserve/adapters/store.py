@@ -85,6 +85,7 @@ def connect(url: str, timeout_s: float = 5.0) -> redis.Redis:
         retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), 3),
         retry_on_error=[redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError],
         health_check_interval=30,
+        socket_read_size=1 << 20,  # adapters are megabytes: large reads (with hiredis, ~0.7 ms per 2 MB)
     )
 
 
