@@ -33,6 +33,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/decode.py
 	$(BIN)/python benchmarks/engine_throughput.py
 	$(BIN)/python benchmarks/serve_load.py
+	$(BIN)/python -m benchmarks.multi_adapter
+	$(BIN)/python -m benchmarks.adapter_swap
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -66,6 +66,15 @@ def test_replicas_share_uploads_versions_and_deletes(demo_tiny, tmp_path, two_ad
             assert complete(a.url, None, "bot").status_code == 404
             assert complete(b.url, None, "bot").status_code == 404
             assert wait_for(lambda: resident(a.url, "host") == 0 and resident(b.url, "host") == 0)
+            # Redis paused: readiness says so, requests that need no Redis go on, then all recovers
+            shared.process.send_signal(signal.SIGSTOP)
+            try:
+                assert wait_for(lambda: httpx.get(a.url + "/ready", timeout=10).status_code == 503, 15)
+                assert httpx.get(a.url + "/ready").json()["status"] == "store unavailable"
+                assert complete(a.url, None, "demo-tiny", max_tokens=2).status_code == 200
+            finally:
+                shared.process.send_signal(signal.SIGCONT)
+            assert wait_for(lambda: httpx.get(a.url + "/ready", timeout=10).status_code == 200, 15)
         finally:
             a.stop()
             b.stop()
