@@ -159,7 +159,7 @@ class RateLimiter:
         rate = self.rps if rps is None else rps
         if rate <= 0:
             return None
-        burst = max(self.burst, 1)
+        burst = self.burst
         now = time.monotonic()
         with self._lock:
             tokens, last = self._buckets.get(tenant, (float(burst), now))

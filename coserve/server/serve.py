@@ -99,7 +99,8 @@ def serve(settings: ServeSettings) -> None:
     else:
         log.info("%d API keys configured; adapters are per tenant", keys.count())
     engine = LLMEngine(settings.engine_config(model_dir))
-    for name, path in settings.adapter_specs():
+    adapter_specs = settings.adapter_specs()
+    for name, path in adapter_specs:
         try:
             adapter = engine.adapters.register_dir(name, path)
         except AdapterError as exc:
@@ -118,7 +119,7 @@ def serve(settings: ServeSettings) -> None:
     server_config = settings.server_config(model_dir)
     async_engine = AsyncEngine(engine)
     app = create_app(async_engine, server_config, external_engine_loop=True, store=store, keys=keys,
-                     shared_adapters={name for name, _ in settings.adapter_specs()})
+                     shared_adapters={name for name, _ in adapter_specs})
     uv_config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                                timeout_graceful_shutdown=5)
     server = DrainingServer(uv_config, app, settings.shutdown_timeout)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import tarfile
 import zipfile
 
 import pytest
@@ -14,6 +13,7 @@ from safetensors.torch import save as save_st
 from coserve.adapters import codecs
 from coserve.adapters.archive import read_archive, write_tar_gz
 from coserve.adapters.types import AdapterError
+from tests.server.store_helpers import tar_gz
 
 
 @pytest.mark.parametrize("shape,density", [((16, 64), 0.1), ((7, 13), 0.3), ((1, 5), 0.5), ((33,), 1.0)])
@@ -68,20 +68,6 @@ def test_compeft_refuses_bad_parameters():
     assert err.value.field == "codec"
 
 
-def _tar(members: dict[str, bytes], link: str | None = None) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as tf:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-        if link:
-            info = tarfile.TarInfo(link)
-            info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
-            tf.addfile(info)
-    return buffer.getvalue()
-
-
 def _zip(members: dict[str, bytes]) -> bytes:
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as zf:
@@ -94,7 +80,7 @@ GOOD = {"adapter_config.json": b"{}", "adapter_model.safetensors": b"weights", "
 
 
 def test_archives_in_either_format_and_layout_are_read():
-    for raw, name in ((_tar(GOOD), "a.tar.gz"), (_zip({f"dir/{k}": v for k, v in GOOD.items()}), "a.zip")):
+    for raw, name in ((tar_gz(GOOD), "a.tar.gz"), (_zip({f"dir/{k}": v for k, v in GOOD.items()}), "a.zip")):
         files = read_archive(raw, name, max_bytes=1 << 20)
         assert (files.config, files.weights) == (b"{}", b"weights")
     written = write_tar_gz({"adapter_config.json": b"{}", "adapter_model.safetensors": b"weights"}, "bot")
@@ -102,14 +88,14 @@ def test_archives_in_either_format_and_layout_are_read():
 
 
 @pytest.mark.parametrize("raw,field_or_text", [
-    (_tar({"../adapter_config.json": b"{}", "adapter_model.safetensors": b"w"}), "parent path"),
-    (_tar({"/abs/adapter_config.json": b"{}", "adapter_model.safetensors": b"w"}), "absolute"),
+    (tar_gz({"../adapter_config.json": b"{}", "adapter_model.safetensors": b"w"}), "parent path"),
+    (tar_gz({"/abs/adapter_config.json": b"{}", "adapter_model.safetensors": b"w"}), "absolute"),
     (_zip({"../../adapter_model.safetensors": b"w", "adapter_config.json": b"{}"}), "parent path"),
-    (_tar(GOOD, link="adapter_model.bin"), "link"),
-    (_tar({f"f{i}.txt": b"x" for i in range(40)}), "more than 32"),
-    (_tar({"adapter_config.json": b"{}", "adapter_model.safetensors": b"w" * 5000}), "unpacks to more"),
-    (_tar({"adapter_config.json": b"{}", "adapter_model.bin": b"\x80\x04pickle"}), "is a pickle"),
-    (_tar({"adapter_model.safetensors": b"w"}), "no adapter_config.json"),
+    (tar_gz(GOOD, link="adapter_model.bin"), "link"),
+    (tar_gz({f"f{i}.txt": b"x" for i in range(40)}), "more than 32"),
+    (tar_gz({"adapter_config.json": b"{}", "adapter_model.safetensors": b"w" * 5000}), "unpacks to more"),
+    (tar_gz({"adapter_config.json": b"{}", "adapter_model.bin": b"\x80\x04pickle"}), "is a pickle"),
+    (tar_gz({"adapter_model.safetensors": b"w"}), "no adapter_config.json"),
     (b"not an archive at all", "not a readable"),
 ])
 def test_bad_archives_are_refused_with_a_reason(raw, field_or_text):

@@ -56,6 +56,21 @@ def peft_text(base_dir: Path, adapter_dir: Path | None) -> str:
     return Tokenizer.from_file(str(base_dir / "tokenizer.json")).decode(tokens)
 
 
+def tar_gz(members: dict[str, bytes], link: str | None = None) -> bytes:
+    """A .tar.gz with these exact member names (unsafe ones included), plus a symlink `link` if given."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tf:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+        if link:
+            info = tarfile.TarInfo(link)
+            info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+            tf.addfile(info)
+    return buffer.getvalue()
+
+
 def extract_tar(raw: bytes, into: Path) -> Path:
     with tarfile.open(fileobj=io.BytesIO(raw), mode="r:gz") as tf:
         tf.extractall(into, filter="data")

@@ -3,10 +3,8 @@ per-tenant rate limits answer 429 + Retry-After without slowing other tenants.""
 
 from __future__ import annotations
 
-import io
 import json
 import pickle
-import tarfile
 import threading
 import time
 
@@ -19,7 +17,7 @@ from safetensors.torch import save as save_st
 
 from tests.adapters.conftest import make_adapter
 from tests.server.conftest import start_server
-from tests.server.store_helpers import auth, complete, upload, upload_files, write_keys
+from tests.server.store_helpers import auth, complete, tar_gz, upload, upload_files, write_keys
 
 KEYS = {"good-key": ("good", "user"), "noisy-key": ("noisy", "user")}
 
@@ -37,16 +35,6 @@ def guarded_server(demo_tiny, tmp_path_factory):
                        "--rate-limit-burst", "4", "--max-upload-bytes", "2MiB")
     yield srv
     srv.stop()
-
-
-def _tar(members: dict[str, bytes]) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as tf:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
 
 
 def bad_uploads(lora_dir) -> dict[str, tuple[dict[str, bytes], int, str]]:
@@ -72,9 +60,9 @@ def bad_uploads(lora_dir) -> dict[str, tuple[dict[str, bytes], int, str]]:
         "nan": ({"adapter_config.json": config, "adapter_model.safetensors": save_st(with_nan)}, 422, key),
         "unknown config key": ({"adapter_config.json": json.dumps({**json.loads(config), "evil": 1}).encode(),
                                 "adapter_model.safetensors": weights}, 422, "evil"),
-        "traversal in archive": ({"a.tar.gz": _tar({"../../adapter_config.json": config,
+        "traversal in archive": ({"a.tar.gz": tar_gz({"../../adapter_config.json": config,
                                                     "adapter_model.safetensors": weights})}, 422, "archive"),
-        "archive unpacking too large": ({"a.tar.gz": _tar({"adapter_config.json": config,
+        "archive unpacking too large": ({"a.tar.gz": tar_gz({"adapter_config.json": config,
                                                            "adapter_model.safetensors": b"\0" * (3 << 20)})},
                                         422, "archive"),
         "body too large": ({"a.tar.gz": bytes(3 << 20)}, 413, "exceeds"),

@@ -11,7 +11,7 @@ import time
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.server.conftest import start_server
+from tests.server.conftest import start_server, wait_for
 
 
 def scrape(server) -> dict[str, float]:
@@ -45,15 +45,6 @@ def test_metrics_names_and_counts(server):
     assert after["vllm:num_requests_running"] == 0
 
 
-def _wait_for(predicate, timeout=5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
-
-
 def test_stream_disconnect_aborts_and_frees_blocks(server):
     before = scrape(server).get("coserve_requests_finished_total[abort]", 0)
     body = {"model": "demo-tiny", "prompt": "go", "max_tokens": 1900, "ignore_eos": True, "stream": True}
@@ -62,8 +53,8 @@ def test_stream_disconnect_aborts_and_frees_blocks(server):
         got = [next(lines) for _ in range(6)]
         assert any(line.startswith("data: ") for line in got)
         assert scrape(server)["coserve_kv_cache_usage_perc"] > 0
-    assert _wait_for(lambda: scrape(server).get("coserve_requests_finished_total[abort]", 0) == before + 1)
-    assert _wait_for(lambda: scrape(server)["coserve_kv_cache_usage_perc"] == 0.0)
+    assert wait_for(lambda: scrape(server).get("coserve_requests_finished_total[abort]", 0) == before + 1)
+    assert wait_for(lambda: scrape(server)["coserve_kv_cache_usage_perc"] == 0.0)
     assert scrape(server)["vllm:num_requests_running"] == 0
 
 
@@ -74,8 +65,8 @@ def test_non_streaming_disconnect_aborts(server):
         httpx.post(server.url + "/v1/completions", json=body, timeout=0.5)
     except httpx.ReadTimeout:
         pass
-    assert _wait_for(lambda: scrape(server).get("coserve_requests_finished_total[abort]", 0) == before + 1)
-    assert _wait_for(lambda: scrape(server)["coserve_kv_cache_usage_perc"] == 0.0)
+    assert wait_for(lambda: scrape(server).get("coserve_requests_finished_total[abort]", 0) == before + 1)
+    assert wait_for(lambda: scrape(server)["coserve_kv_cache_usage_perc"] == 0.0)
 
 
 def test_queue_full_answers_503_and_queued_requests_complete(demo_tiny, tmp_path):
@@ -127,7 +118,7 @@ def test_sigterm_drains_then_aborts_and_exits(demo_tiny, tmp_path):
         t.start()
     time.sleep(0.25)
     srv.process.send_signal(signal.SIGTERM)
-    assert _wait_for(lambda: httpx.get(srv.url + "/ready").status_code == 503, timeout=1.0)
+    assert wait_for(lambda: httpx.get(srv.url + "/ready").status_code == 503, timeout=1.0)
     refused = httpx.post(srv.url + "/v1/completions", json={"model": "demo-tiny", "prompt": "z", "max_tokens": 2})
     assert refused.status_code == 503
     for t in threads:

@@ -14,7 +14,7 @@ import pytest
 
 from coserve.adapters.embedded_redis import EmbeddedRedis
 from tests.adapters.conftest import make_adapter
-from tests.server.conftest import start_server
+from tests.server.conftest import start_server, wait_for
 from tests.server.store_helpers import complete, completion_text, peft_text, upload
 
 # With appendfsync everysec Redis write()s the AOF before it answers, so a kill -9 of the process loses
@@ -35,15 +35,6 @@ def resident(url: str, tier: str) -> float:
     return float(re.search(rf'^coserve_adapters_resident{{tier="{tier}"}} (\S+)$', text, re.M).group(1))
 
 
-def wait_for(predicate, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return False
-
-
 def test_replicas_share_uploads_versions_and_deletes(demo_tiny, tmp_path, two_adapters):
     v1, v2 = two_adapters
     with EmbeddedRedis(tmp_path / "shared-redis") as shared:
@@ -58,14 +49,14 @@ def test_replicas_share_uploads_versions_and_deletes(demo_tiny, tmp_path, two_ad
             assert completion_text(b.url, None, "bot") == expect_v1  # served by the other replica, no restart
             assert resident(b.url, "host") == 1
             assert upload(a.url, None, "bot", v2).status_code == 201
-            assert wait_for(lambda: resident(b.url, "host") == 0)  # B dropped its stale copy on the event
+            assert wait_for(lambda: resident(b.url, "host") == 0, 10)  # B dropped its stale copy on the event
             expect_v2 = peft_text(demo_tiny, v2)
             assert completion_text(b.url, None, "bot") == expect_v2
             assert completion_text(a.url, None, "bot") == expect_v2
             assert httpx.delete(b.url + "/v1/adapters/bot").status_code == 200
             assert complete(a.url, None, "bot").status_code == 404
             assert complete(b.url, None, "bot").status_code == 404
-            assert wait_for(lambda: resident(a.url, "host") == 0 and resident(b.url, "host") == 0)
+            assert wait_for(lambda: resident(a.url, "host") == 0 and resident(b.url, "host") == 0, 10)
             # Redis paused: readiness says so, requests that need no Redis go on, then all recovers
             shared.process.send_signal(signal.SIGSTOP)
             try:
