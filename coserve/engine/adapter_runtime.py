@@ -98,8 +98,9 @@ class AdapterRuntime:
         self.slots.release(adapter_id)
 
     # ---- per step ----
-    def begin_step(self, rows: list[ScheduledSequence]) -> None:
-        """Group this step's tokens by slot and kind for the wrapped projections."""
+    def begin_step(self, rows: list[ScheduledSequence], extra_rows: int = 0) -> None:
+        """Group this step's tokens by slot and kind for the wrapped projections; `extra_rows` base-only
+        rows follow them (fine-tuning rows: their adapter is applied by the trainer)."""
         if self.ctx is None:
             return
         slots_per_row = []
@@ -109,7 +110,8 @@ class AdapterRuntime:
         if all(s < 0 for s in slots_per_row):
             self.ctx.segments = {}
             return
-        token_slots = torch.tensor([s for row, s in zip(rows, slots_per_row) for _ in row.token_ids])  # [T]
+        token_slots = torch.tensor([s for row, s in zip(rows, slots_per_row) for _ in row.token_ids]
+                                   + [-1] * extra_rows)  # [T]
         segments = {}
         for kind in ("lora", "dora", "road", "shira"):
             of_kind = [s for s, m in self.slot_method.items() if kind in KINDS_OF_METHOD[m]]

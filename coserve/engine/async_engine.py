@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from coserve.adapters.registry import AdapterSource
 from coserve.adapters.types import LoadedAdapter
 from coserve.engine.engine import LLMEngine, RequestOutput
+from coserve.engine.training.trainer import TrainingEvent, TrainingJobSpec
 from coserve.scheduler.request import SamplingParams
 
 log = logging.getLogger("coserve.engine")
@@ -135,6 +136,13 @@ class AsyncEngine:
         """Register (or, when idle, replace) a named adapter on the engine thread."""
         self._send(("register", name, source, adapter))
 
+    def submit_training(self, spec: TrainingJobSpec, sink: Callable[[TrainingEvent], None]) -> None:
+        """Train a job in this engine's steps; `sink` receives its events on the engine thread."""
+        self._send(("train", spec, sink))
+
+    def cancel_training(self, job_id: str) -> None:
+        self._send(("cancel_train", job_id))
+
     def _send(self, command: tuple) -> None:
         self._commands.put(command)
         self._wake.set()
@@ -177,6 +185,10 @@ class AsyncEngine:
                 out = self.engine.abort(command[1])
                 if out is not None:
                     self._deliver(out, command[1])
+            elif kind == "train":
+                self.engine.submit_training(command[1], command[2])
+            elif kind == "cancel_train":
+                self.engine.cancel_training(command[1])
             elif kind == "abort_all":
                 for out in self.engine.abort_all():
                     self._deliver(out, out.request_id)

@@ -20,10 +20,13 @@ from coserve.engine.quantize import QuantizeReport, quantize_model
 from coserve.engine.runner import KVCacheLayout, ModelRunner, allocate_kv_cache, plan_kv_cache
 from coserve.engine.stats import RequestStats, StatsListener, StepStats
 from coserve.engine.tokenizer import ModelTokenizer
+from coserve.engine.training.cotrain import CoTrainer
+from coserve.engine.training.trainer import TrainingEvent, TrainingJobSpec
 from coserve.scheduler.block_manager import BlockManager
 from coserve.scheduler.outputs import SampledToken
 from coserve.scheduler.request import FinishReason, SamplingParams, Sequence
 from coserve.scheduler.scheduler import RequestRejected, Scheduler, SchedulerConfig
+from coserve.scheduler.train_share import TrainShareConfig
 
 log = logging.getLogger("coserve.engine")
 
@@ -46,6 +49,7 @@ class EngineConfig:
     max_loras: int = 8  # device adapter slots
     max_cpu_loras: int = 32  # adapters kept validated in host memory
     max_lora_rank: int = 16  # highest LoRA rank accepted (slot buffers are padded to it)
+    itl_slo_ms: float | None = 200.0  # fine-tuning work is sized so decode steps stay under this (None: no bound)
 
 
 @dataclass
@@ -119,6 +123,8 @@ class LLMEngine:
         self.scheduler = Scheduler(sched_config, self.blocks, self.adapters)
         self.runner = ModelRunner(self.model, allocate_kv_cache(mc, layout, dtype), config.block_size, config.seed,
                                   self.adapters)
+        slo = config.itl_slo_ms / 1000 if config.itl_slo_ms else None
+        self.training = CoTrainer(self.model, self.adapters.shape, TrainShareConfig(slo))
         self.stats = stats
         self._requests: dict[str, _RequestState] = {}
         self.last_step_tokens = 0  # tokens the last step computed (0: waiting on adapter loads, say)
@@ -193,9 +199,17 @@ class LLMEngine:
             s = self.scheduler
             self.stats.set_load(s.num_requests_running, s.num_requests_waiting, self.blocks.usage)
 
+    def submit_training(self, spec: TrainingJobSpec, sink: Callable[[TrainingEvent], None]) -> None:
+        """Train a job inside this engine's steps; events (metrics, checkpoints, the end) go to `sink`
+        on the engine thread."""
+        self.training.submit(spec, sink)
+
+    def cancel_training(self, job_id: str) -> bool:
+        return self.training.cancel(job_id)
+
     @property
     def has_work(self) -> bool:
-        return self.scheduler.has_work
+        return self.scheduler.has_work or self.training.has_work
 
     @property
     def num_active_requests(self) -> int:
@@ -206,14 +220,24 @@ class LLMEngine:
         start = time.monotonic()
         failed = self._start_adapter_loads()
         scheduled = self.scheduler.schedule()
-        self.last_step_tokens = scheduled.num_tokens
         for seq in self.scheduler.running:
             state = self._requests.get(seq.request_id)
             if state is not None and state.first_scheduled is None:
                 state.first_scheduled = start
-        result = self.runner.execute(scheduled)
+        inference_tokens = scheduled.num_tokens
+        plan = self.training.plan(inference_tokens, self.config.max_batch_tokens - inference_tokens)
+        try:
+            result = self.runner.execute(scheduled, plan.batch if plan else None)
+        except Exception as exc:
+            if plan is None or plan.batch is None:
+                raise
+            self.training.fail(plan.job, exc)  # the job's rows broke the step: fail the job, redo inference
+            plan, result = None, self.runner.execute(scheduled)
+        plan = self.training.advance(plan)
+        self.last_step_tokens = inference_tokens + (plan.units if plan else 0)
         updates = self.scheduler.update(scheduled, result)
         now = time.monotonic()
+        self.training.observe(plan, now - start, inference_tokens)
         touched: dict[str, set[int]] = {}
         new_tokens: dict[str, dict[int, SampledToken]] = {}
         itls, ttfts = [], []

@@ -141,16 +141,24 @@ class Attention(nn.Module):
         meta: AttentionMetadata,
         kv_cache: tuple[torch.Tensor, torch.Tensor],  # each [NB, BS, Hkv, head_dim]
     ) -> torch.Tensor:
-        t = x.shape[0]
-        qkv = self.qkv_proj(x)  # [T, (H + 2 Hkv) * head_dim]
+        q, k, v = self.split_heads(self.qkv_proj(x), cos, sin)
+        return self.o_proj(self.paged(q, k, v, meta, kv_cache))
+
+    def split_heads(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """qkv [T, (H + 2 Hkv) * head_dim] -> q [T, H, D], k and v [T, Hkv, D], q and k rotated."""
+        t = qkv.shape[0]
         qk = qkv[:, : self.q_size + self.kv_size].view(t, self.num_heads + self.num_kv_heads, self.head_dim)
         qk = apply_rope(qk, cos, sin)  # q and k rotated together
         q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
         v = qkv[:, self.q_size + self.kv_size :].view(t, self.num_kv_heads, self.head_dim)
+        return q, k, v
+
+    def paged(self, q, k, v, meta: AttentionMetadata, kv_cache) -> torch.Tensor:
+        """Write k, v to the paged cache and attend: -> [T, H * head_dim] (before o_proj)."""
         k_cache, v_cache = kv_cache
         write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
         out = paged_attention(q, k_cache, v_cache, meta, self.scale)  # [T, H, head_dim]
-        return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
+        return out.reshape(q.shape[0], self.num_heads * self.head_dim)
 
 
 class MLP(nn.Module):
@@ -161,8 +169,12 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)  # each [T, intermediate]
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.act(self.gate_up_proj(x)))
+
+    def act(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """[T, 2 * intermediate] -> silu(gate) * up [T, intermediate]."""
+        gate, up = gate_up.split(self.intermediate_size, dim=-1)
+        return F.silu(gate) * up
 
 
 class DecoderLayer(nn.Module):

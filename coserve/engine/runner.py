@@ -8,6 +8,8 @@ import torch
 
 from coserve.engine.model import CausalLM, ModelConfig
 from coserve.engine.sampler import SampleRow, sample
+from coserve.engine.training.coforward import PassState, TrainRows, coserved_forward
+from coserve.engine.training.params import TrainableAdapter
 from coserve.kernels.attention import AttentionMetadata
 from coserve.scheduler.outputs import RunnerOutput, SchedulerOutput
 
@@ -40,6 +42,19 @@ def allocate_kv_cache(
     return [(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)) for _ in range(config.num_hidden_layers)]
 
 
+@dataclass
+class TrainBatch:
+    """Fine-tuning rows that join this step's forward."""
+
+    rows: list[TrainRows]  # one chunk per training sequence
+    state: PassState  # the micro-batch's activations and loss so far
+    adapter: TrainableAdapter  # the job's trainable adapter
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(r.token_ids) for r in self.rows)
+
+
 class ModelRunner:
     def __init__(self, model: CausalLM, kv_caches, block_size: int, seed: int = 0, adapters=None):
         self.model = model
@@ -57,11 +72,17 @@ class ModelRunner:
             gen = self._generators[seq_id] = torch.Generator().manual_seed(seed + offset)
         return gen
 
-    @torch.inference_mode()
-    def execute(self, step: SchedulerOutput) -> RunnerOutput:
+    def execute(self, step: SchedulerOutput, train: TrainBatch | None = None) -> RunnerOutput:
+        """Run the step's rows (and, with `train`, one chunk of fine-tuning rows in the same forward)."""
         for seq_id in step.finished_seq_ids:
             self._generators.pop(seq_id, None)
-        if step.is_empty:
+        if train is not None:
+            return self._execute(step, train)  # autograd needed: no inference_mode
+        with torch.inference_mode():
+            return self._execute(step, None)
+
+    def _execute(self, step: SchedulerOutput, train: TrainBatch | None) -> RunnerOutput:
+        if step.is_empty and train is None:
             return RunnerOutput()
         rows = step.sequences
         input_ids = torch.tensor([t for r in rows for t in r.token_ids], dtype=torch.long)  # [T]
@@ -71,17 +92,25 @@ class ModelRunner:
         meta = AttentionMetadata.build(
             [len(r.token_ids) for r in rows], [r.start_position for r in rows], [r.block_table for r in rows],
             self.block_size,
-        )
+        ) if rows else None
         if self.adapters is not None:
-            self.adapters.begin_step(rows)
+            self.adapters.begin_step(rows, train.num_tokens if train is not None else 0)
         try:
-            hidden = self.model(input_ids, positions, meta, self.kv_caches)  # [T, hidden]
+            if train is None:
+                hidden = self.model(input_ids, positions, meta, self.kv_caches)  # [T, hidden]
+            else:
+                hidden = coserved_forward(self.model, input_ids, positions, meta, self.kv_caches, train.rows,
+                                          train.state, train.adapter)  # [T, hidden]; training rows kept aside
         finally:
             if self.adapters is not None:
                 self.adapters.end_step()
         sampling = [i for i, r in enumerate(rows) if r.sample]
         if not sampling:
             return RunnerOutput()
+        with torch.inference_mode():
+            return self._sample(rows, sampling, meta, hidden)
+
+    def _sample(self, rows, sampling: list[int], meta: AttentionMetadata, hidden: torch.Tensor) -> RunnerOutput:
         last_rows = torch.tensor([meta.query_starts[i] + meta.query_lens[i] - 1 for i in sampling])
         logits = self.model.logits(hidden[last_rows])  # [R, vocab] float32
         sample_rows = [

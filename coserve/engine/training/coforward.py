@@ -1,0 +1,221 @@
+"""One fused forward over inference rows and fine-tuning rows; backward a few layers at a time.
+
+Inference rows run exactly as in CausalLM.forward (paged KV cache, per-request adapters). Training
+rows (chunks of training sequences, absolute positions kept like chunked prefill) share every
+projection's matmul with them: `coserved_linear` runs the base projection (and the inference
+adapters) once over [inference rows | training rows] without autograd, then hands the training
+rows' part to `FrozenBaseGrad`, whose backward is dx = dy W0 (QLoRA-style: gradients flow through
+the frozen, possibly quantized base; nothing of the inference rows is saved). The job's adapter
+update is added to the training rows with ordinary autograd. Norms, rope, attention and the
+activation run per stream, so autograd keeps activations of training rows only.
+
+Each layer's training input is a fresh leaf, so the graph is cut at layer boundaries: backward
+walks them top layer first, a few per engine step (`backward_layers`), like FlexLLM.
+Training sequences keep their own K/V per layer (with their graph), not in the paged pool.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from coserve.adapters.layers import PACKED_PARTS, base_weight
+from coserve.engine.model import CausalLM
+from coserve.engine.training.params import TrainableAdapter
+from coserve.kernels.attention import AttentionMetadata
+
+IGNORE = -100  # label of rows that carry no loss (prompt / non-assistant tokens)
+
+
+class FrozenBaseGrad(torch.autograd.Function):
+    """Semantics: forward returns y (= x W0^T + b, computed outside autograd in the fused matmul);
+    backward returns dx = dy W0 with W0 [out, in] the served base weight (dequantized), no dW0.
+    x [T, in], y [T, out] -> [T, out]."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, y: torch.Tensor, linear: nn.Module) -> torch.Tensor:
+        ctx.linear = linear
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        w = base_weight(ctx.linear)  # [out, in] float32
+        return (dy.float() @ w).to(dy.dtype), None, None
+
+
+@dataclass
+class TrainRows:
+    """One training sequence's chunk in this step."""
+
+    key: int  # the sequence within the pass
+    token_ids: list[int]  # this chunk's tokens
+    start: int  # absolute position of token_ids[0]; earlier positions were run in previous chunks
+    labels: list[int]  # per token: the next token to predict, or IGNORE
+
+
+@dataclass
+class PassState:
+    """A micro-batch's forward (over several steps) and its pending backward."""
+
+    num_layers: int
+    loss_scale: float  # 1 / label tokens in the optimizer batch: gradients average over the batch
+    grad: bool = True  # False: evaluation (validation loss), nothing kept for backward
+    kv: dict[int, list[list[torch.Tensor]]] = field(default_factory=dict)  # seq -> [layer] -> [k, v]
+    layer_io: list[list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=list)  # [layer] -> (in, out)
+    head: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (final input leaf, loss)
+    next_backward: int | None = None  # None: head not done yet; else the next layer to run backward on
+    loss_sum: float = 0.0  # sum of token losses so far (unscaled)
+    num_label_tokens: int = 0
+
+    def __post_init__(self):
+        self.layer_io = [[] for _ in range(self.num_layers)]
+
+    @property
+    def backward_done(self) -> bool:
+        return self.next_backward is not None and self.next_backward < 0
+
+
+def coserved_linear(linear: nn.Module, packed: str, layer: int, x_inf: torch.Tensor, x_tr: torch.Tensor,
+                    adapter: TrainableAdapter) -> tuple[torch.Tensor, torch.Tensor]:
+    """x_inf [Ti, in], x_tr [Tt, in] -> (y_inf [Ti, out], y_tr [Tt, out]); one base matmul for both."""
+    n_inf = x_inf.shape[0]
+    with torch.no_grad():
+        y_all = linear(torch.cat([x_inf, x_tr.detach()]))  # [Ti + Tt, out]
+    y_inf, y_tr = y_all[:n_inf], y_all[n_inf:]
+    base = getattr(linear, "base", linear)  # under the serving adapters' wrapper, if any
+    if torch.is_grad_enabled():
+        y_tr = FrozenBaseGrad.apply(x_tr, y_tr, base)
+    parts, lo, pieces, changed = PACKED_PARTS[packed], 0, [], False
+    bias = getattr(base, "bias", None)
+    for part in parts:
+        size = adapter.shape.module_shapes[part][0]  # this part's output features
+        piece = y_tr[:, lo : lo + size]
+        module = adapter.module(layer, part)
+        if module is not None:
+            rows = slice(lo, lo + size)
+            piece = module.apply(x_tr, piece, None if bias is None else bias[rows],
+                                 lambda rows=rows: base_weight(base)[rows])
+            changed = True
+        pieces.append(piece)
+        lo += size
+    return y_inf, torch.cat(pieces, 1) if changed else y_tr
+
+
+def _train_attention(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: list[TrainRows],
+                     state: PassState, layer: int) -> torch.Tensor:
+    """Causal attention of each training chunk over its sequence's earlier chunks and itself.
+    q [Tt, H, D], k / v [Tt, Hkv, D] -> [Tt, H * D]."""
+    outs, lo = [], 0
+    for r in rows:
+        n = len(r.token_ids)
+        cache = state.kv.setdefault(r.key, [[] for _ in range(state.num_layers)])[layer]
+        ks, vs = (torch.cat([cache[0], k[lo : lo + n]]), torch.cat([cache[1], v[lo : lo + n]])) if cache \
+            else (k[lo : lo + n], v[lo : lo + n])
+        cache[:] = [ks, vs]  # [P + n, Hkv, D]
+        total = ks.shape[0]
+        mask = torch.arange(total)[None, :] <= (torch.arange(n)[:, None] + total - n)  # [n, P + n]
+        out = F.scaled_dot_product_attention(q[lo : lo + n].transpose(0, 1)[None], ks.transpose(0, 1)[None],
+                                             vs.transpose(0, 1)[None], attn_mask=mask, scale=attn.scale,
+                                             enable_gqa=True)  # [1, H, n, D]
+        outs.append(out[0].transpose(0, 1).reshape(n, -1))
+        lo += n
+    return torch.cat(outs)
+
+
+def coserved_forward(
+    model: CausalLM,
+    input_ids: torch.Tensor,  # [Ti] inference tokens
+    positions: torch.Tensor,  # [Ti]
+    meta: AttentionMetadata | None,  # of the inference rows (None when there are none)
+    kv_caches: list,
+    rows: list[TrainRows],
+    state: PassState,
+    adapter: TrainableAdapter,
+) -> torch.Tensor:
+    """Run inference rows and one chunk of each training sequence; returns the inference hidden states
+    [Ti, hidden]. Training activations go to `state` (for backward) and the chunk's loss into it."""
+    with torch.set_grad_enabled(state.grad):
+        tr_ids = torch.tensor([t for r in rows for t in r.token_ids], dtype=torch.long)  # [Tt]
+        tr_pos = torch.tensor([p for r in rows for p in range(r.start, r.start + len(r.token_ids))])
+        with torch.no_grad():
+            x_inf = model.model.embed_tokens(input_ids)
+            x_tr = model.model.embed_tokens(tr_ids)
+            cos_i, sin_i = model.rope(positions, x_inf.dtype)
+        cos_t, sin_t = model.rope(tr_pos, x_tr.dtype)
+        for i, (layer, kv) in enumerate(zip(model.model.layers, kv_caches)):
+            x_in = x_tr.detach().requires_grad_(state.grad)  # the graph is cut at each layer boundary
+            attn, mlp = layer.self_attn, layer.mlp
+            with torch.no_grad():
+                h_inf = layer.input_layernorm(x_inf)
+            qkv_i, qkv_t = coserved_linear(attn.qkv_proj, "self_attn.qkv_proj", i, h_inf,
+                                           layer.input_layernorm(x_in), adapter)
+            with torch.no_grad():
+                a_inf = attn.paged(*attn.split_heads(qkv_i, cos_i, sin_i), meta, kv) if meta is not None \
+                    else qkv_i.new_zeros(0, attn.num_heads * attn.head_dim)
+            a_tr = _train_attention(attn, *attn.split_heads(qkv_t, cos_t, sin_t), rows, state, i)
+            o_i, o_t = coserved_linear(attn.o_proj, "self_attn.o_proj", i, a_inf, a_tr, adapter)
+            with torch.no_grad():
+                x_inf = x_inf + o_i
+                m_inf = layer.post_attention_layernorm(x_inf)
+            x_mid = x_in + o_t
+            gu_i, gu_t = coserved_linear(mlp.gate_up_proj, "mlp.gate_up_proj", i, m_inf,
+                                         layer.post_attention_layernorm(x_mid), adapter)
+            with torch.no_grad():
+                act_i = mlp.act(gu_i)
+            d_i, d_t = coserved_linear(mlp.down_proj, "mlp.down_proj", i, act_i, mlp.act(gu_t), adapter)
+            with torch.no_grad():
+                x_inf = x_inf + d_i
+            x_tr = x_mid + d_t
+            if state.grad:
+                state.layer_io[i].append((x_in, x_tr))
+        _head_loss(model, x_tr, rows, state)
+        with torch.no_grad():
+            return model.model.norm(x_inf)
+
+
+def _head_loss(model: CausalLM, x_tr: torch.Tensor, rows: list[TrainRows], state: PassState) -> None:
+    """Cross-entropy of the chunk's labelled rows (summed; scaled for the backward)."""
+    labels = torch.tensor([t for r in rows for t in r.labels], dtype=torch.long)  # [Tt]
+    keep = (labels != IGNORE).nonzero().flatten()
+    x_last = x_tr.detach().requires_grad_(state.grad)
+    if keep.numel():
+        logits = model.logits(model.model.norm(x_last.index_select(0, keep)))  # [K, vocab] float32
+        loss = F.cross_entropy(logits, labels.index_select(0, keep), reduction="sum")
+        state.loss_sum += float(loss.detach())
+        state.num_label_tokens += keep.numel()
+    else:
+        loss = x_last.sum() * 0.0
+    if state.grad:
+        state.head.append((x_last, loss * state.loss_scale))
+
+
+def backward_layers(state: PassState, num_layers: int) -> int:
+    """Run backward for up to `num_layers` stages (the loss head counts as one), top layer first.
+    Returns the stages run; adapter gradients accumulate in the parameters' .grad."""
+    done = 0
+    while done < num_layers and not state.backward_done:
+        if state.next_backward is None:
+            torch.autograd.backward([loss for _, loss in state.head])
+            state.next_backward = state.num_layers - 1
+        else:
+            i = state.next_backward
+            below = state.layer_io[i + 1] if i + 1 < state.num_layers else None
+            grads = [x.grad for x, _ in (below if below is not None else state.head)]
+            outs = [(out, g) for (_, out), g in zip(state.layer_io[i], grads) if g is not None and out.requires_grad]
+            if outs:
+                torch.autograd.backward([o for o, _ in outs], [g for _, g in outs])
+            if below is not None:
+                state.layer_io[i + 1] = []
+            else:
+                state.head = []
+            for per_layer in state.kv.values():
+                per_layer[i] = []
+            state.next_backward = i - 1
+        done += 1
+    if state.backward_done:
+        state.layer_io = []
+        state.kv = {}
+    return done

@@ -1,0 +1,100 @@
+"""How much fine-tuning work fits in the next step. Pure Python: no torch.
+
+Inference comes first; fine-tuning gets what is left of the token budget. With an inter-token
+latency SLO, the share is also bounded by time: a step is one inter-token interval for every
+running decode, so the controller predicts the step's inference time from a running linear fit
+(seconds = a + b * inference tokens, over recent inference-only steps), subtracts it from the
+SLO (times a headroom), and converts the rest into fine-tuning work with the measured seconds
+per unit (forward: per training token through all layers; backward: per token-layer).
+When no inference runs, fine-tuning takes the whole budget.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DECAY = 0.9  # weight of the past in the running estimates
+PROBE_EVERY = 16  # with inference and fine-tuning running together, one step in this many is inference-only
+
+
+class _LinearFit:
+    """Exponentially weighted least squares of y = a + b x."""
+
+    def __init__(self):
+        self.w = self.sx = self.sy = self.sxx = self.sxy = 0.0
+
+    def add(self, x: float, y: float) -> None:
+        d = DECAY
+        self.w, self.sx, self.sy = d * self.w + 1, d * self.sx + x, d * self.sy + y
+        self.sxx, self.sxy = d * self.sxx + x * x, d * self.sxy + x * y
+
+    def predict(self, x: float) -> float | None:
+        if self.w == 0:
+            return None
+        mx, my = self.sx / self.w, self.sy / self.w
+        var = self.sxx / self.w - mx * mx
+        slope = max(0.0, (self.sxy / self.w - mx * my) / var) if var > 1e-9 else 0.0
+        return max(0.0, my + slope * (x - mx))
+
+
+@dataclass(frozen=True)
+class TrainShareConfig:
+    itl_slo_s: float | None  # None: fine-tuning always takes the leftover token budget
+    headroom: float = 0.85  # aim below the SLO by this factor
+    min_forward_tokens: int = 8  # progress guaranteed even when the SLO leaves no room
+    initial_forward_tokens: int = 32  # before any measurement
+
+
+class TrainShareController:
+    def __init__(self, config: TrainShareConfig):
+        self.config = config
+        self.inference = _LinearFit()
+        self.seconds_per_unit: dict[str, float | None] = {"forward": None, "backward": None}
+        self._mixed_steps = 0  # since the last inference-only step
+
+    def needs_probe(self, inference_tokens: int) -> bool:
+        """Skip fine-tuning this step to measure inference alone (keeps the fit current under co-serving)."""
+        if self.config.itl_slo_s is None or inference_tokens == 0:
+            return False
+        return self._mixed_steps >= PROBE_EVERY or self.inference.w == 0
+
+    def _spare_seconds(self, inference_tokens: int) -> float | None:
+        predicted = self.inference.predict(inference_tokens)
+        if predicted is None:
+            return None
+        return self.config.itl_slo_s * self.config.headroom - predicted
+
+    def forward_tokens(self, inference_tokens: int, leftover_tokens: int) -> int:
+        """Training tokens to forward this step, given the inference tokens already scheduled."""
+        if leftover_tokens <= 0:
+            return 0
+        if inference_tokens == 0 or self.config.itl_slo_s is None:
+            return leftover_tokens
+        units = self._units("forward", inference_tokens, self.config.initial_forward_tokens)
+        return max(min(self.config.min_forward_tokens, leftover_tokens), min(leftover_tokens, units))
+
+    def backward_stages(self, inference_tokens: int, pass_tokens: int, stages_left: int) -> int:
+        """Backward stages (layers; the loss head counts as one) to run this step; at least one."""
+        if inference_tokens == 0 or self.config.itl_slo_s is None:
+            return stages_left
+        units = self._units("backward", inference_tokens, pass_tokens)
+        return max(1, min(stages_left, units // max(1, pass_tokens)))
+
+    def _units(self, kind: str, inference_tokens: int, default: int) -> int:
+        spare, per_unit = self._spare_seconds(inference_tokens), self.seconds_per_unit[kind]
+        if spare is None or per_unit is None:
+            return default
+        return int(max(0.0, spare) / per_unit)
+
+    def observe(self, seconds: float, inference_tokens: int, kind: str | None = None, units: int = 0) -> None:
+        """A finished step: inference-only steps refine the inference fit, others the cost per unit."""
+        if kind is None or units <= 0:
+            if inference_tokens > 0:
+                self.inference.add(inference_tokens, seconds)
+                self._mixed_steps = 0
+            return
+        self._mixed_steps += inference_tokens > 0
+        base = self.inference.predict(inference_tokens) if inference_tokens else 0.0
+        per_unit = max(1e-7, (seconds - (base or 0.0)) / units)
+        old = self.seconds_per_unit[kind]
+        self.seconds_per_unit[kind] = per_unit if old is None else DECAY * old + (1 - DECAY) * per_unit
