@@ -48,6 +48,10 @@ class ServerConfig:
     max_upload_bytes: int = 256 * 2**20  # cap on an adapter upload (and on an archive's unpacked size)
     rate_limit_rps: float = 0.0  # requests a second per tenant (0: no limit)
     rate_limit_burst: int = 20
+    fine_tuning: bool = True  # this replica takes fine-tuning jobs from the queue
+    job_claim_idle_s: float = 60.0  # a job whose replica is silent this long is taken over
+    job_max_deliveries: int = 3  # deliveries of one job before it fails
+    train_microbatch_tokens: int = 1024  # training tokens forwarded before each backward pass
 
 
 class ServeSettings(BaseSettings):
@@ -91,6 +95,14 @@ class ServeSettings(BaseSettings):
     rate_limit_rps: float = Field(0.0, ge=0, description="requests a second per tenant (0: unlimited)")
     rate_limit_burst: int = Field(20, ge=1, description="requests a tenant may send at once above the rate")
     max_upload_bytes: int = Field(256 * 2**20, description="cap on an adapter upload and its unpacked archive")
+    itl_slo_ms: float = Field(200.0, ge=0, description="inter-token latency target while fine-tuning co-runs: "
+                              "training work per step is sized to keep decode steps under it (0: no bound)")
+    fine_tuning: bool = Field(True, description="take fine-tuning jobs from the queue on this replica")
+    job_claim_idle_s: float = Field(60.0, gt=0, description="seconds a job's replica may be silent before "
+                                    "another replica takes the job over")
+    job_max_deliveries: int = Field(3, ge=1, description="deliveries of one job (takeovers) before it fails")
+    train_microbatch_tokens: int = Field(1024, ge=16, description="training tokens forwarded before each "
+                                         "backward pass (bounds activation memory)")
     log_level: str = Field("info", description="debug | info | warning | error")
 
     @field_validator("kv_cache_memory", "max_body_bytes", "max_upload_bytes", mode="before")
@@ -150,6 +162,7 @@ class ServeSettings(BaseSettings):
             max_loras=self.max_loras,
             max_cpu_loras=self.max_cpu_loras,
             max_lora_rank=self.max_lora_rank,
+            itl_slo_ms=self.itl_slo_ms or None,
         )
 
     def server_config(self, model_dir: str) -> ServerConfig:
@@ -167,4 +180,8 @@ class ServeSettings(BaseSettings):
             max_upload_bytes=self.max_upload_bytes,
             rate_limit_rps=self.rate_limit_rps,
             rate_limit_burst=self.rate_limit_burst,
+            fine_tuning=self.fine_tuning,
+            job_claim_idle_s=self.job_claim_idle_s,
+            job_max_deliveries=self.job_max_deliveries,
+            train_microbatch_tokens=self.train_microbatch_tokens,
         )

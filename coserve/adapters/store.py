@@ -69,7 +69,7 @@ class AdapterRecord:
 
 
 @contextmanager
-def _unavailable_on_errors() -> Iterator[None]:
+def unavailable_on_errors() -> Iterator[None]:
     try:
         yield
     except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError, OSError) as exc:
@@ -114,19 +114,19 @@ class AdapterStore:
 
     # ---- reads ----
     def get(self, tenant: str, name: str) -> AdapterRecord | None:
-        with _unavailable_on_errors():
+        with unavailable_on_errors():
             raw = self.client.hgetall(self._record_key(tenant, name))
         return AdapterRecord.from_hash(raw) if raw else None
 
     def blob(self, revision: int) -> bytes | None:
         """The stored tensors of one revision (None once a retired revision has expired)."""
-        with _unavailable_on_errors():
+        with unavailable_on_errors():
             return self.client.get(self._blob_key(revision))
 
     def list(self, tenant: str, after: str | None = None, limit: int = 20) -> tuple[list[AdapterRecord], bool]:
         """One page of the tenant's adapters by name, after `after`; and whether more follow."""
         start = f"({after}" if after else "-"
-        with _unavailable_on_errors():
+        with unavailable_on_errors():
             names = self.client.zrangebylex(self._index_key(tenant), start, "+", start=0, num=limit + 1)
             pipe = self.client.pipeline(transaction=False)
             for name in names[:limit]:
@@ -139,7 +139,7 @@ class AdapterStore:
             method: str, rank: int, base_fingerprint: str, codec: str) -> AdapterRecord:
         """Store a new version of (tenant, name) atomically and announce it; returns the record."""
         key = self._record_key(tenant, name)
-        with _unavailable_on_errors():
+        with unavailable_on_errors():
             revision = int(self.client.incr(f"{self.prefix}:revision"))
             with self.client.pipeline(transaction=True) as pipe:
                 while True:
@@ -165,7 +165,7 @@ class AdapterStore:
     def delete(self, tenant: str, name: str) -> bool:
         """Remove (tenant, name); False if it did not exist."""
         key = self._record_key(tenant, name)
-        with _unavailable_on_errors(), self.client.pipeline(transaction=True) as pipe:
+        with unavailable_on_errors(), self.client.pipeline(transaction=True) as pipe:
             while True:
                 try:
                     pipe.watch(key)

@@ -20,6 +20,9 @@ from coserve.scheduler.request import SamplingParams
 from coserve.server.adapter_routes import on_store_event
 from coserve.server.adapter_routes import router as adapter_router
 from coserve.server.auth import KeyRing, RateLimiter
+from coserve.server.finetune.records import FineTuneStore
+from coserve.server.finetune.routes import router as finetune_router
+from coserve.server.finetune.worker import JobWorker, ModelInfo, WorkerConfig
 from coserve.server.metrics import Metrics
 from coserve.server.openai_routes import router as openai_router
 from coserve.server.schemas import error_body
@@ -29,7 +32,7 @@ from coserve.settings import ServerConfig
 log = logging.getLogger("coserve.server")
 
 
-UPLOAD_PATHS = ("/v1/adapters",)
+UPLOAD_PATHS = ("/v1/adapters", "/v1/files")
 
 
 class RequestIdAndBodyLimit:
@@ -129,6 +132,11 @@ def create_app(engine: AsyncEngine, config: ServerConfig, external_engine_loop: 
     st = ServerState(engine, engine.engine.tokenizer, config, metrics, engine.engine.info.max_model_len,
                      store=store, keys=keys or KeyRing(), limiter=limiter,
                      shared_adapters=set(shared_adapters or ()))
+    worker = None
+    if store is not None:
+        st.finetune = FineTuneStore(store.client, store.prefix)
+        if config.fine_tuning:
+            worker = job_worker(st)
     stop_events = threading.Event()
 
     @asynccontextmanager
@@ -143,7 +151,11 @@ def create_app(engine: AsyncEngine, config: ServerConfig, external_engine_loop: 
         if store is not None:
             store.listen(lambda event: on_store_event(st, event), stop_events)
         await warm_up(st)
+        if worker is not None:
+            worker.start()
         yield
+        if worker is not None:
+            worker.stop()
         stop_events.set()
         st.draining = True
         engine.abort_all()
@@ -155,6 +167,7 @@ def create_app(engine: AsyncEngine, config: ServerConfig, external_engine_loop: 
     install_error_handlers(app)
     app.include_router(openai_router)
     app.include_router(adapter_router)
+    app.include_router(finetune_router)
 
     @app.get("/health")
     async def health():
@@ -181,6 +194,16 @@ def create_app(engine: AsyncEngine, config: ServerConfig, external_engine_loop: 
     app.add_middleware(RequestIdAndBodyLimit, max_body_bytes=config.max_body_bytes,
                        max_upload_bytes=config.max_upload_bytes)
     return app
+
+
+def job_worker(st: ServerState) -> JobWorker:
+    runtime, engine, config = st.engine.engine.adapters, st.engine.engine, st.config
+    tok = engine.tokenizer
+    eos = tok.tokenizer.token_to_id(tok.eos_token) if tok.eos_token else min(engine.eos_token_ids, default=None)
+    model = ModelInfo(config.served_model_name, st.fingerprint, runtime.shape, runtime.max_rank, st.max_model_len,
+                      eos)
+    worker_config = WorkerConfig(config.job_claim_idle_s, config.job_max_deliveries, config.train_microbatch_tokens)
+    return JobWorker(st.finetune, st.store, st.engine, st.tokenizer, model, worker_config)
 
 
 async def _store_answers(store: AdapterStore, timeout_s: float = 2.0) -> bool:

@@ -6,7 +6,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class StreamOptions(BaseModel):
@@ -85,3 +85,87 @@ def now() -> int:
 
 def error_body(message: str, type_: str, param: str | None = None, code: int | str | None = None) -> dict:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+# ---------------------------------------------------------------- fine-tuning
+class Hyperparameters(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    n_epochs: int | Literal["auto"] = "auto"
+    batch_size: int | Literal["auto"] = "auto"
+    learning_rate_multiplier: float | Literal["auto"] = "auto"
+
+    @field_validator("n_epochs")
+    @classmethod
+    def _epochs(cls, v):
+        if v != "auto" and not 1 <= v <= 100:
+            raise ValueError("must be 'auto' or 1..100")
+        return v
+
+    @field_validator("batch_size")
+    @classmethod
+    def _batch(cls, v):
+        if v != "auto" and not 1 <= v <= 256:
+            raise ValueError("must be 'auto' or 1..256")
+        return v
+
+    @field_validator("learning_rate_multiplier")
+    @classmethod
+    def _lr(cls, v):
+        if v != "auto" and not 0 < v <= 100:
+            raise ValueError("must be 'auto' or in (0, 100]")
+        return v
+
+
+class SupervisedMethod(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+
+
+class Method(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["supervised"] = "supervised"
+    supervised: SupervisedMethod = Field(default_factory=SupervisedMethod)
+
+
+class AdapterBlock(BaseModel):
+    """coserve's extension: which adapter to train (PEFT names and defaults)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    peft_type: Literal["LORA", "ROAD", "SHIRA"] = "LORA"
+    r: int = Field(8, ge=1, le=512)
+    lora_alpha: float = Field(16.0, gt=0)
+    use_dora: bool = False
+    use_rslora: bool = False
+    variant: Literal["road_1", "road_2", "road_4"] = "road_1"
+    group_size: int = Field(64, ge=2)
+    target_modules: list[Literal["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]] | \
+        Literal["all-linear"] = "all-linear"
+    warmup_ratio: float = Field(0.1, ge=0, le=1)
+    weight_decay: float = Field(0.0, ge=0, le=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    checkpoint_every: int = Field(10, ge=1, description="optimizer steps between checkpoints")
+    token_selective: dict[str, Any] | None = None  # reserved for TS-PEFT
+
+
+class FineTuningJobRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    training_file: str
+    validation_file: str | None = None
+    suffix: str | None = Field(None, max_length=40, pattern=r"^[A-Za-z0-9_.-]*$")
+    seed: int | None = Field(None, ge=0, le=2**31 - 1)
+    metadata: dict[str, str] | None = Field(None, max_length=16)
+    method: Method | None = None
+    hyperparameters: Hyperparameters | None = None  # the older top-level form
+    adapter: AdapterBlock = Field(default_factory=AdapterBlock)
+    integrations: list[Any] | None = None
+
+    def resolved_hyperparameters(self) -> Hyperparameters:
+        if self.method is not None:
+            return self.method.supervised.hyperparameters
+        return self.hyperparameters or Hyperparameters()

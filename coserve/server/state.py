@@ -14,6 +14,7 @@ from coserve.adapters.store import AdapterRecord, AdapterStore
 from coserve.engine.async_engine import AsyncEngine
 from coserve.engine.tokenizer import ModelTokenizer
 from coserve.server.auth import KeyRing, Principal, RateLimiter, retry_after_header
+from coserve.server.finetune.records import FineTuneStore
 from coserve.server.metrics import Metrics
 from coserve.settings import ADAPTER_NAME, ServerConfig
 
@@ -43,6 +44,7 @@ class ServerState:
     keys: KeyRing = field(default_factory=KeyRing)
     limiter: RateLimiter | None = None
     shared_adapters: set[str] = field(default_factory=set)  # --adapter and load_lora_adapter: every tenant's
+    finetune: FineTuneStore | None = None  # files, jobs and the job queue (with the store)
 
     @property
     def fingerprint(self) -> str:

@@ -79,11 +79,11 @@ def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(engine, monkey
     real = engine.engine.runner.execute
     calls = {"n": 0}
 
-    def flaky(step):
+    def flaky(step, train=None):
         calls["n"] += 1
         if calls["n"] == 1:
             raise RuntimeError("injected fault")
-        return real(step)
+        return real(step, train)
 
     monkeypatch.setattr(engine.engine.runner, "execute", flaky)
 

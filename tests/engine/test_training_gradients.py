@@ -81,7 +81,7 @@ def test_fused_training_step_matches_peft(hf_llama, tmp_path, kind):
     trainer = CoTrainer(model, shape, TrainShareConfig(None))
     adapter = TrainableAdapter(CASES[kind][1], shape, trainer.base_weight_of, seed=0)
     saved = load_file(tmp_path / kind / "adapter_model.safetensors")
-    adapter.load_peft_tensors({k.removesuffix(".weight") if "magnitude" in k else k: v for k, v in saved.items()})
+    adapter.load_peft_tensors(saved)
 
     # inference rows share the forward: a 5-token prefill in the paged cache
     mc = model.config
@@ -90,7 +90,8 @@ def test_fused_training_step_matches_peft(hf_llama, tmp_path, kind):
     meta = AttentionMetadata.build([5], [0], [[0]], 16)
     state = PassState(mc.num_hidden_layers, 1.0 / sum(s.num_targets for s in SAMPLES))
     labels = [s.labels() for s in SAMPLES]
-    chunk1 = [TrainRows(0, SAMPLES[0].token_ids[:6], 0, labels[0][:6]), TrainRows(1, SAMPLES[1].token_ids, 0, labels[1])]
+    chunk1 = [TrainRows(0, SAMPLES[0].token_ids[:6], 0, labels[0][:6]),
+              TrainRows(1, SAMPLES[1].token_ids, 0, labels[1])]
     chunk2 = [TrainRows(0, SAMPLES[0].token_ids[6:], 6, labels[0][6:])]
     hidden = coserved_forward(model, prompt, torch.arange(5), meta, kv, chunk1, state, adapter)
     coserved_forward(model, prompt[:0], torch.arange(0), None, kv, chunk2, state, adapter)

@@ -137,6 +137,8 @@ class TrainableAdapter(nn.Module):
 
     def load_peft_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         """Set every trained tensor from PEFT-named tensors (resume, or continue an adapter)."""
+        tensors = {k.removesuffix(".weight") if k.endswith("lora_magnitude_vector.weight") else k: v
+                   for k, v in tensors.items()}  # PEFT writes the magnitude both ways
         ours = self.live_tensors()
         missing = sorted(set(ours) - set(tensors))
         if missing:
