@@ -130,6 +130,9 @@ class Method(BaseModel):
     supervised: SupervisedMethod = Field(default_factory=SupervisedMethod)
 
 
+TRAINABLE_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
 class AdapterBlock(BaseModel):
     """coserve's extension: which adapter to train (PEFT names and defaults)."""
 
@@ -142,13 +145,21 @@ class AdapterBlock(BaseModel):
     use_rslora: bool = False
     variant: Literal["road_1", "road_2", "road_4"] = "road_1"
     group_size: int = Field(64, ge=2)
-    target_modules: list[Literal["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]] | \
-        Literal["all-linear"] = "all-linear"
+    target_modules: list[str] | str = "all-linear"
     warmup_ratio: float = Field(0.1, ge=0, le=1)
     weight_decay: float = Field(0.0, ge=0, le=1)
     max_grad_norm: float = Field(1.0, gt=0)
     checkpoint_every: int = Field(10, ge=1, description="optimizer steps between checkpoints")
     token_selective: dict[str, Any] | None = None  # reserved for TS-PEFT
+
+    @field_validator("target_modules")
+    @classmethod
+    def _targets(cls, v):
+        if v == "all-linear":
+            return v
+        if isinstance(v, str) or not v or any(m not in TRAINABLE_MODULES for m in v):
+            raise ValueError(f"must be 'all-linear' or a non-empty list of {list(TRAINABLE_MODULES)}")
+        return sorted(set(v), key=TRAINABLE_MODULES.index)
 
 
 class FineTuningJobRequest(BaseModel):

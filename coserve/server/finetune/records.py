@@ -197,7 +197,8 @@ class FineTuneStore:
     def claim_next(self, consumer: str, min_idle_s: float, block_ms: int) -> Claimed | None:
         """A job another consumer left idle for min_idle_s (dead replica), else a new one (blocking)."""
         with unavailable_on_errors():
-            _, stale, _ = self.r.xautoclaim(self.queue, GROUP, consumer, int(min_idle_s * 1000), "0-0", count=1)
+            # [next cursor, entries] (Redis 6.2) or [next cursor, entries, deleted ids] (Redis 7)
+            stale = self.r.xautoclaim(self.queue, GROUP, consumer, int(min_idle_s * 1000), "0-0", count=1)[1]
             if stale:
                 entry_id, fields = stale[0]
             else:

@@ -207,8 +207,11 @@ async def cancel_job(request: Request, job_id: str):
     await _own_job(request, job_id)
     records = _records(_state(request))
 
+    ended: list[str] = []
+
     def cancel(job: dict) -> dict | None:
         if job["status"] in TERMINAL:
+            ended.append(job["status"])
             return None
         job.update(status="cancelled", finished_at=int(time.time()))
         return job
@@ -217,8 +220,8 @@ async def cancel_job(request: Request, job_id: str):
         records.add_event(job_id, "info", "The job was cancelled", pipe=pipe)
 
     job = await asyncio.to_thread(records.update_job, job_id, cancel, extra)
-    if job["status"] != "cancelled":
-        raise ApiError(400, f"the job has already {job['status']}", param="fine_tuning_job_id")
+    if ended:
+        raise ApiError(400, f"the job has already ended ({ended[-1]})", param="fine_tuning_job_id")
     return job
 
 

@@ -145,7 +145,7 @@ class JobWorker:
                                f"(delivery {claimed.deliveries})")
         events: queue.Queue[TrainingEvent] = queue.Queue()
         self.engine.submit_training(spec, events.put)
-        last_beat = time.monotonic()
+        last_beat = last_check = time.monotonic()
         while True:
             if self._stop.is_set():  # shutting down: stop training, leave the entry for another replica
                 self.engine.cancel_training(job_id)
@@ -154,19 +154,23 @@ class JobWorker:
                 event = events.get(timeout=self.config.poll_s)
             except queue.Empty:
                 event = None
-            if time.monotonic() - last_beat > self.config.claim_idle_s / 4:
+            now = time.monotonic()
+            if now - last_beat > self.config.claim_idle_s / 4:
                 self.records.heartbeat(self.consumer, claimed.entry_id)
-                last_beat = time.monotonic()
-            if event is None:
-                job = self.records.job(None, job_id)
-                if job is None or job["status"] == "cancelled":
+                last_beat = now
+            if now - last_check > self.config.poll_s:
+                last_check = now
+                if self._cancelled(job_id):
                     self.engine.cancel_training(job_id)
                     self.records.ack(claimed.entry_id)
                     self.records.drop_state(job_id)
                     return
-                continue
-            if self._on_event(claimed, tenant, name, event):
+            if event is not None and self._on_event(claimed, tenant, name, event):
                 return
+
+    def _cancelled(self, job_id: str) -> bool:
+        job = self.records.job(None, job_id)
+        return job is None or job["status"] == "cancelled"
 
     def _on_event(self, claimed: Claimed, tenant: str, name: str, event: TrainingEvent) -> bool:
         """Record one training event; True when the job ended."""
@@ -183,9 +187,13 @@ class JobWorker:
                                                                    "train_loss": data.get("train_loss")}}
             self.records.save_checkpoint(job_id, checkpoint, event.payload, data.get("trained_tokens", 0))
         elif event.kind == "succeeded":
+            if self._cancelled(job_id):  # cancelled while the last step ran: store nothing
+                self.records.ack(claimed.entry_id)
+                return True
             self._store_adapter(tenant, name, event.files)
-            self._finish(claimed, job_id, "succeeded", fine_tuned_model=name,
-                         trained_tokens=data.get("trained_tokens"))
+            if not self._finish(claimed, job_id, "succeeded", fine_tuned_model=name,
+                                trained_tokens=data.get("trained_tokens")):
+                self.adapters.delete(tenant, name)  # cancelled in between: the adapter must not stay servable
             return True
         elif event.kind == "failed":
             self._finish(claimed, job_id, "failed", error={"code": data["code"], "message": data["message"],
@@ -207,10 +215,14 @@ class JobWorker:
                           rank=prepared.rank, base_fingerprint=self.model.fingerprint, codec=prepared.codec)
 
     def _finish(self, claimed: Claimed, job_id: str, status: str, error: dict | None = None,
-                fine_tuned_model: str | None = None, trained_tokens: int | None = None) -> None:
+                fine_tuned_model: str | None = None, trained_tokens: int | None = None) -> bool:
+        """Move the job to its terminal status; False if it had already ended (cancelled, say)."""
+        applied: list[bool] = []
+
         def change(job: dict) -> dict | None:
             if job["status"] in TERMINAL:
                 return None
+            applied.append(True)
             job.update(status=status, finished_at=int(time.time()), error=error)
             if fine_tuned_model is not None:
                 job["fine_tuned_model"] = fine_tuned_model
@@ -226,6 +238,7 @@ class JobWorker:
         self.records.update_job(job_id, change, extra)
         self.records.ack(claimed.entry_id)
         self.records.drop_state(job_id)
+        return bool(applied)
 
     # ---- the engine's job spec ----
     def _spec(self, tenant: str, request: dict, resume: bytes | None) -> TrainingJobSpec:
