@@ -7,7 +7,8 @@ import time
 
 import openai
 
-WORDS = "apple river cloud stone maple tiger violet copper lemon harbor falcon velvet cobalt meadow pepper orbit".split()
+WORDS = ("apple river cloud stone maple tiger violet copper lemon harbor falcon velvet cobalt meadow pepper "
+         "orbit").split()
 COLORS = "red blue green white black pink gold gray brown cyan teal navy olive silver amber ivory".split()
 PAIRS = [(f"Name the color of {w}:", f" {c}") for w, c in zip(WORDS, COLORS)]
 TERMINAL = ("succeeded", "failed", "cancelled")
