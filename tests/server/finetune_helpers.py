@@ -37,15 +37,19 @@ def wait_job(client: openai.OpenAI, job_id: str, timeout: float = 120, until=TER
     return job
 
 
+def events(client: openai.OpenAI, job_id: str) -> list:
+    """Every event of the job, oldest first (the API pages newest first)."""
+    page = client.fine_tuning.jobs.list_events(job_id, limit=100)
+    data = list(page.data)
+    while page.has_more:
+        page = client.fine_tuning.jobs.list_events(job_id, limit=100, after=data[-1].id)
+        data += page.data
+    return list(reversed(data))
+
+
 def metrics(client: openai.OpenAI, job_id: str) -> list[dict]:
-    """The job's metrics events, oldest first."""
-    events = client.fine_tuning.jobs.list_events(job_id, limit=100)
-    data = list(events.data)
-    while events.has_more:
-        events = client.fine_tuning.jobs.list_events(job_id, limit=100, after=data[-1].id)
-        data += events.data
-    return [e.data for e in reversed(data) if e.type == "metrics"]
+    return [e.data for e in events(client, job_id) if e.type == "metrics"]
 
 
 def messages(client: openai.OpenAI, job_id: str) -> list[str]:
-    return [e.message for e in client.fine_tuning.jobs.list_events(job_id, limit=100).data]
+    return [e.message for e in events(client, job_id)]
