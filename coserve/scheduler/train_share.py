@@ -4,8 +4,9 @@ Inference comes first; fine-tuning gets what is left of the token budget. With a
 latency SLO, the share is also bounded by time: a step is one inter-token interval for every
 running decode, so the controller predicts the step's inference time from a running linear fit
 (seconds = a + b * inference tokens, over recent inference-only steps), subtracts it from the
-SLO (times a headroom), and converts the rest into fine-tuning work with the measured seconds
-per unit (forward: per training token through all layers; backward: per token-layer).
+SLO (times a headroom), and converts the rest into fine-tuning work with a second fit of the
+extra seconds a step takes per unit of fine-tuning work (forward: training tokens through all
+layers; backward: token-layers), affine because each slice of work has a fixed cost too.
 When no inference runs, fine-tuning takes the whole budget.
 """
 
@@ -28,20 +29,27 @@ class _LinearFit:
         self.w, self.sx, self.sy = d * self.w + 1, d * self.sx + x, d * self.sy + y
         self.sxx, self.sxy = d * self.sxx + x * x, d * self.sxy + x * y
 
-    def predict(self, x: float) -> float | None:
+    def affine(self) -> tuple[float, float] | None:
+        """(a, b); while every sample had the same x, the proportional fit (0, mean y / mean x)."""
         if self.w == 0:
             return None
         mx, my = self.sx / self.w, self.sy / self.w
         var = self.sxx / self.w - mx * mx
-        slope = max(0.0, (self.sxy / self.w - mx * my) / var) if var > 1e-9 else 0.0
-        return max(0.0, my + slope * (x - mx))
+        if var > 1e-6 * max(1.0, mx * mx):
+            slope = max(1e-12, (self.sxy / self.w - mx * my) / var)
+            return max(0.0, my - slope * mx), slope
+        return 0.0, max(1e-12, my / max(mx, 1e-9))
+
+    def predict(self, x: float) -> float | None:
+        fit = self.affine()
+        return None if fit is None else fit[0] + fit[1] * x
 
 
 @dataclass(frozen=True)
 class TrainShareConfig:
     itl_slo_s: float | None  # None: fine-tuning always takes the leftover token budget
     headroom: float = 0.85  # aim below the SLO by this factor
-    min_forward_tokens: int = 8  # progress guaranteed even when the SLO leaves no room
+    min_forward_tokens: int = 16  # progress guaranteed even when the SLO leaves no room
     initial_forward_tokens: int = 32  # before any measurement
 
 
@@ -49,7 +57,7 @@ class TrainShareController:
     def __init__(self, config: TrainShareConfig):
         self.config = config
         self.inference = _LinearFit()
-        self.seconds_per_unit: dict[str, float | None] = {"forward": None, "backward": None}
+        self.extra_seconds = {"forward": _LinearFit(), "backward": _LinearFit()}  # per unit of fine-tuning work
         self._mixed_steps = 0  # since the last inference-only step
 
     def needs_probe(self, inference_tokens: int) -> bool:
@@ -81,10 +89,12 @@ class TrainShareController:
         return max(1, min(stages_left, units // max(1, pass_tokens)))
 
     def _units(self, kind: str, inference_tokens: int, default: int) -> int:
-        spare, per_unit = self._spare_seconds(inference_tokens), self.seconds_per_unit[kind]
-        if spare is None or per_unit is None:
+        """The most units whose predicted extra time fits in the spare time."""
+        spare, fit = self._spare_seconds(inference_tokens), self.extra_seconds[kind].affine()
+        if spare is None or fit is None:
             return default
-        return int(max(0.0, spare) / per_unit)
+        fixed, per_unit = fit
+        return int(max(0.0, spare - fixed) / per_unit)
 
     def observe(self, seconds: float, inference_tokens: int, kind: str | None = None, units: int = 0) -> None:
         """A finished step: inference-only steps refine the inference fit, others the cost per unit."""
@@ -95,6 +105,4 @@ class TrainShareController:
             return
         self._mixed_steps += inference_tokens > 0
         base = self.inference.predict(inference_tokens) if inference_tokens else 0.0
-        per_unit = max(1e-7, (seconds - (base or 0.0)) / units)
-        old = self.seconds_per_unit[kind]
-        self.seconds_per_unit[kind] = per_unit if old is None else DECAY * old + (1 - DECAY) * per_unit
+        self.extra_seconds[kind].add(units, max(0.0, seconds - (base or 0.0)))

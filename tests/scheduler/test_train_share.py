@@ -73,3 +73,11 @@ def test_inference_alone_is_probed_regularly_under_co_serving():
         else:
             controller.observe(step_seconds(32, "forward", 40), 32, "forward", 40)
     assert probes == pytest.approx(200 / (PROBE_EVERY + 1), abs=2)
+
+
+def test_work_measured_as_free_does_not_break_the_fit():
+    controller = TrainShareController(TrainShareConfig(itl_slo_s=0.100))
+    for _ in range(20):
+        controller.observe(0.030, 32)
+        controller.observe(0.020, 32, "forward", 16)  # faster than inference alone: zero extra time
+    assert controller.forward_tokens(32, 1000) == 1000

@@ -34,6 +34,7 @@ class TrainPlan:
 class CoTrainer:
     def __init__(self, model: CausalLM, shape: BaseModelShape, share: TrainShareConfig):
         self.model, self.shape = model, shape
+        model.requires_grad_(False)  # only adapter parameters train: no gradients for the base (lm_head, norms)
         self.controller = TrainShareController(share)
         self.jobs: deque[TrainingJob] = deque()
         self._sinks: dict[str, Callable[[TrainingEvent], None]] = {}

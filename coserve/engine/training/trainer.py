@@ -84,7 +84,6 @@ class TrainingJob:
         if not spec.train:
             raise TrainingFailed("invalid_training_file", "the training file has no examples", "training_file")
         self.spec, self.sink, self.num_layers = spec, sink, shape.num_layers
-        torch.manual_seed(spec.seed)
         self.adapter = TrainableAdapter(spec.adapter, shape, base_weights, spec.seed)
         if spec.init_tensors is not None:
             self.adapter.load_peft_tensors(spec.init_tensors)
@@ -237,7 +236,8 @@ class TrainingJob:
         self.sink(TrainingEvent(spec.job_id, "metrics", {
             "step": progress.step, "train_loss": loss, "learning_rate": lr, "trained_tokens": progress.trained_tokens,
             "train_tokens_per_s": self._tokens_since / max(1e-9, now - self._since), "total_steps": self.total_steps,
-            "epoch": progress.epoch, "grad_norm": float(norm)}))
+            "epoch": progress.epoch, "grad_norm": float(norm),
+            "token_sparsity": 0.0}))  # share of token updates skipped: every token updates until TS-PEFT
         self._since, self._tokens_since = now, 0
         finished = progress.step >= self.total_steps
         if progress.step % spec.checkpoint_every == 0 and not finished:

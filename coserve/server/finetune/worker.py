@@ -120,6 +120,11 @@ class JobWorker:
         self.current_job = job_id
         try:
             self._train(claimed, tenant, request, name)
+        except StoreUnavailable:
+            # Redis went away mid-job: stop training here; the entry stays pending and the job resumes
+            # from its last checkpoint once a replica claims it again.
+            self.engine.cancel_training(job_id)
+            raise
         except JobFailed as exc:
             self._finish(claimed, job_id, "failed", error={"code": exc.code, "message": exc.message,
                                                            "param": exc.param})
