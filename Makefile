@@ -35,6 +35,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/serve_load.py
 	$(BIN)/python -m benchmarks.multi_adapter
 	$(BIN)/python -m benchmarks.adapter_swap
+	for slo in 100 250 0; do $(BIN)/python -m benchmarks.coserve --duration 20 --samples 64 \
+		--microbatch-tokens 256 --itl-slo-ms $$slo || exit 1; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache
