@@ -262,7 +262,7 @@ class LLMEngine:
         outputs = failed + [self._emit(self._requests[rid], idx, new_tokens[rid], now)
                             for rid, idx in touched.items()]
         self._collect_retired()
-        if self.stats is not None and not scheduled.is_empty:
+        if self.stats is not None and (not scheduled.is_empty or plan is not None):
             self.stats.on_step(
                 StepStats(
                     step_time_s=now - start,
@@ -277,6 +277,8 @@ class LLMEngine:
                     num_generated_tokens=len(itls) + len(ttfts),
                     running_adapters=sorted(self.scheduler.running_adapters()),
                     waiting_adapters=sorted(self.scheduler.waiting_adapters()),
+                    num_train_tokens=plan.units if plan is not None and plan.kind == "forward" else 0,
+                    num_train_jobs=len(self.training.jobs),
                 )
             )
         return outputs

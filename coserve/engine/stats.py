@@ -20,6 +20,8 @@ class StepStats:
     num_generated_tokens: int = 0
     running_adapters: list[str] = field(default_factory=list)
     waiting_adapters: list[str] = field(default_factory=list)
+    num_train_tokens: int = 0  # fine-tuning tokens forwarded in the step
+    num_train_jobs: int = 0  # fine-tuning jobs in the engine after the step
 
 
 @dataclass

@@ -36,6 +36,10 @@ class Metrics:
             "coserve_requests_finished", "Finished requests by reason", labels + ["finished_reason"], registry=r
         )
         self.preemptions = Counter("coserve_preemptions", "Sequences preempted for KV space", labels, registry=r)
+        self.train_tokens = Counter("coserve_fine_tuning_tokens", "Fine-tuning tokens forwarded (co-served)",
+                                    labels, registry=r)
+        self.train_jobs = Gauge("coserve_fine_tuning_jobs", "Fine-tuning jobs in this replica's engine", labels,
+                                registry=r)
         self.running = Gauge("coserve_num_requests_running", "Requests running in the engine", labels, registry=r)
         self.waiting = Gauge("coserve_num_requests_waiting", "Requests waiting to be scheduled", labels, registry=r)
         self.kv_usage = Gauge("coserve_kv_cache_usage_perc", "Fraction of KV-cache blocks in use", labels, registry=r)
@@ -59,6 +63,8 @@ class Metrics:
 
     def on_step(self, s: StepStats) -> None:
         m = self.model_name
+        self.train_tokens.labels(m).inc(s.num_train_tokens)
+        self.train_jobs.labels(m).set(s.num_train_jobs)
         self.step_time.labels(m).observe(s.step_time_s)
         self.tokens_per_step.labels(m).observe(s.num_tokens)
         for v in s.time_to_first_token_s:

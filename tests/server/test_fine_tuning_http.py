@@ -4,6 +4,7 @@ the field; cancel; inference keeps its exact outputs while a job trains."""
 
 from __future__ import annotations
 
+import re
 import threading
 
 import httpx
@@ -41,6 +42,10 @@ def test_a_job_learns_its_pairs_and_the_adapter_is_served_at_once(client, ft_ser
     assert [c.step_number for c in client.fine_tuning.jobs.checkpoints.list(job.id).data] == [70, 60, 50, 40, 30,
                                                                                               20, 10]
     assert job.fine_tuned_model in {m.id for m in client.models.list().data}
+    exposition = httpx.get(ft_server.url + "/metrics").text
+    trained = re.search(r'^coserve_fine_tuning_tokens_total\{model_name="demo-tiny"\} (\S+)$', exposition, re.M)
+    assert trained and float(trained.group(1)) >= job.trained_tokens
+    assert re.search(r'^coserve_fine_tuning_jobs\{model_name="demo-tiny"\} 0.0$', exposition, re.M)
 
     for prompt, answer in PAIRS:  # greedy answers are the trained ones
         out = client.completions.create(model=job.fine_tuned_model, prompt=prompt, max_tokens=6, temperature=0)

@@ -119,6 +119,8 @@ class CoTrainer:
         except Exception as exc:  # noqa: BLE001 - a job's failure stays with the job
             self.fail(plan.job, exc)
             return None
+        if plan.job.phase == "done" and plan.job in self.jobs:
+            self.jobs.remove(plan.job)  # finished (its sink has the result)
         return plan
 
     def observe(self, plan: TrainPlan | None, seconds: float, inference_tokens: int) -> None:
