@@ -7,6 +7,7 @@ import sys
 import click
 from pydantic import ValidationError
 
+from coserve.clients.cli import COMMANDS as CLIENT_COMMANDS
 from coserve.settings import ServeSettings
 
 
@@ -56,6 +57,10 @@ def demo_model(size: str, out: str, seed: int) -> None:
 
     path = write_demo_model(size, out, seed)
     click.echo(f"wrote {size} demo model to {path}")
+
+
+for _command in CLIENT_COMMANDS:
+    main.add_command(_command)
 
 
 if __name__ == "__main__":
