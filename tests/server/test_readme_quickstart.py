@@ -41,3 +41,11 @@ def test_readme_openai_sdk_example_works(server):
 def test_readme_set_up_commands_are_what_ci_runs():
     ci = (README.parent / ".ci" / "run").read_text()
     assert "make test" in ci and "make test" in README.read_text() and "make serve" in README.read_text()
+
+
+def test_readme_client_example_works(server):
+    code = localise(blocks("python")[1], server)
+    assert "from coserve.clients import Client" in code
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().endswith("['demo-tiny']")
