@@ -9,12 +9,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
-from coserve.engine.engine import EngineConfig
+if TYPE_CHECKING:  # the engine (and torch) load only when a server starts, so client commands start fast
+    from coserve.engine.engine import EngineConfig
 
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
@@ -147,6 +148,8 @@ class ServeSettings(BaseSettings):
         return specs
 
     def engine_config(self, model_dir: str) -> EngineConfig:
+        from coserve.engine.engine import EngineConfig
+
         return EngineConfig(
             model=model_dir,
             dtype=self.dtype,
