@@ -19,6 +19,7 @@ from coserve.adapters.types import BaseModelShape, LoadedAdapter, ModuleDelta
 from coserve.kernels.adapter_ops import (
     Segments,
     dora_scale,
+    gate_updates,
     lora_expand,
     lora_shrink,
     road_rotate,
@@ -39,6 +40,7 @@ class AdapterContext:
     """The current step's tokens grouped by slot, per kind of adapter; set by the runner around a forward."""
 
     segments: dict[str, Segments] = field(default_factory=dict)
+    token_slots: torch.Tensor | None = None  # [T] every token's slot (-1: none); for TS-PEFT gates
 
 
 def base_weight(linear: nn.Module) -> torch.Tensor:
@@ -65,6 +67,7 @@ class AdapterLinear(nn.Module):
         self.road: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # c1, c2 [S,out], partner
         self.shira: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # rows, cols, vals [S, K]
         self.shira_csr: dict[str, list[torch.Tensor | None]] = {}  # per slot [out, in] CSR (CPU fast path)
+        self.gates: dict[str, torch.Tensor] = {}  # TS-PEFT: part -> tau [S] float32 (0: every token updated)
 
     # ---- slot management (engine thread, between steps) ----
     def clear_slot(self, slot: int) -> None:
@@ -82,9 +85,13 @@ class AdapterLinear(nn.Module):
             vals[slot] = 0.0
         for per_slot in self.shira_csr.values():
             per_slot[slot] = None
+        for tau in self.gates.values():
+            tau[slot] = 0.0
 
     def load_slot(self, slot: int, part: str, delta: ModuleDelta) -> None:
         n, s = self.sizes[part], self.num_slots
+        if delta.gate_tau is not None:
+            self.gates.setdefault(part, torch.zeros(s))[slot] = delta.gate_tau
         if delta.lora_a is not None:
             if self.lora_a is None:
                 self.lora_a = torch.zeros(s, len(self.parts) * self.max_rank, self.in_features)
@@ -133,6 +140,9 @@ class AdapterLinear(nn.Module):
         for i, part in enumerate(self.parts):
             lo, n = self.offsets[part], self.sizes[part]
             ys = y[:, lo : lo + n]
+            gate = self.gates.get(part)
+            if gate is not None:  # TS-PEFT: keep the base output to gate each token's update against
+                base_out = ys.clone()
             if part in self.lora and h_all is not None:
                 b, scale = self.lora[part]
                 h = h_all[:, i * self.max_rank : (i + 1) * self.max_rank]  # [T, R] this part's A x
@@ -148,6 +158,10 @@ class AdapterLinear(nn.Module):
             if part in self.road and segs.get("road") is not None:
                 c1, c2, partner = self.road[part]
                 ys.copy_(road_rotate(ys, c1, c2, partner, segs["road"]))
+            if gate is not None:
+                slots = self.ctx.token_slots  # [T]
+                tau = torch.where(slots >= 0, gate[slots.clamp_min(0)], 0.0)  # [T]
+                ys.copy_(gate_updates(base_out, ys, tau))
         return y
 
 

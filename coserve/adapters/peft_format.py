@@ -29,6 +29,7 @@ COMMON_KEYS = {
     "peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping",
     "peft_version", "target_modules", "modules_to_save", "exclude_modules", "layers_to_transform",
     "layers_pattern", "init_weights", "init_lora_weights", "fan_in_fan_out",
+    "coserve_token_selection",  # TS-PEFT thresholds (coserve's; plain peft ignores the key)
 }
 _KEY = re.compile(
     r"^base_model\.model\.model\.layers\.(\d+)\.(?:self_attn|mlp)\.(" + "|".join(TARGET_MODULES) + r")\.(.+)$"
@@ -116,7 +117,27 @@ def build_adapter(
         out_f, in_f = base.module_shapes[module]
         delta: ModuleDelta = method.parse_module(config, parts, prefix, module, out_f, in_f, max_rank)
         adapter.modules[layer, module] = delta
+    if config.get("coserve_token_selection") is not None:
+        _apply_thresholds(adapter, config["coserve_token_selection"])
     return adapter
+
+
+def _apply_thresholds(adapter: LoadedAdapter, selection: Any) -> None:
+    """coserve_token_selection = {"target_sparsity": q, "thresholds": {"model.layers.L.<group>.<module>": tau}}."""
+    field = "coserve_token_selection"
+    if not isinstance(selection, dict) or not isinstance(selection.get("thresholds"), dict):
+        raise AdapterError(f"{field} must be an object with a `thresholds` object", field)
+    thresholds = selection["thresholds"]
+    paths = {}
+    for (layer, module), delta in adapter.modules.items():
+        section = "self_attn" if module in TARGET_MODULES[:4] else "mlp"
+        paths[f"model.layers.{layer}.{section}.{module}"] = delta
+    for path, tau in thresholds.items():
+        if path not in paths:
+            raise AdapterError(f"{field}.thresholds names {path}, which the adapter does not adapt", field)
+        if not isinstance(tau, (int, float)) or isinstance(tau, bool) or not 0 <= tau < float("inf"):
+            raise AdapterError(f"{field}.thresholds[{path}] must be a finite number >= 0", field)
+        paths[path].gate_tau = float(tau)
 
 
 def load_adapter_dir(name: str, path: str | Path, base: BaseModelShape, max_rank: int) -> LoadedAdapter:

@@ -66,6 +66,7 @@ class ModuleDelta:
     shira_rows: torch.Tensor | None = None  # [K] int64
     shira_cols: torch.Tensor | None = None  # [K] int64
     shira_vals: torch.Tensor | None = None  # [K]
+    gate_tau: float | None = None  # TS-PEFT: update only tokens whose update/base norm ratio is >= this
 
     @property
     def rank(self) -> int:

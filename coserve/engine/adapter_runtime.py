@@ -108,10 +108,11 @@ class AdapterRuntime:
             row.adapter_slot = self.slots.slot_of.get(row.adapter_id, -1) if row.adapter_id else -1
             slots_per_row.append(row.adapter_slot)
         if all(s < 0 for s in slots_per_row):
-            self.ctx.segments = {}
+            self.ctx.segments, self.ctx.token_slots = {}, None
             return
         token_slots = torch.tensor([s for row, s in zip(rows, slots_per_row) for _ in row.token_ids]
                                    + [-1] * extra_rows)  # [T]
+        self.ctx.token_slots = token_slots
         segments = {}
         for kind in ("lora", "dora", "road", "shira"):
             of_kind = [s for s, m in self.slot_method.items() if kind in KINDS_OF_METHOD[m]]
@@ -124,7 +125,7 @@ class AdapterRuntime:
 
     def end_step(self) -> None:
         if self.ctx is not None:
-            self.ctx.segments = {}
+            self.ctx.segments, self.ctx.token_slots = {}, None
 
     def take_failures(self, adapter_ids: set[str]) -> dict[str, str]:
         """Load failures of these adapters, cleared so that a later request tries again."""

@@ -259,3 +259,23 @@ def sparse_delta(
         block.index_add_(1, rows[s], contrib)
         out[tok] = block
     return out.to(x.dtype)
+
+
+# ---------------------------------------------------------------- TS-PEFT token gate
+GATE_EPS = 1e-6
+
+
+def update_ratio(update: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """Semantics: r[t] = ||update[t]|| / (||base[t]|| + 1e-6), in float32.
+
+    update, base [T, out] -> [T]. The TS-PEFT gate keeps a token's adapter update when r >= tau."""
+    return update.float().norm(dim=1) / (base.float().norm(dim=1) + GATE_EPS)
+
+
+def gate_updates(base: torch.Tensor, adapted: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    """Semantics: row t is adapted[t] when ||adapted[t] - base[t]|| / ||base[t]|| >= tau[t], else base[t].
+
+    base, adapted [T, out] (the projection's output without / with the adapter), tau [T] float32 (0 keeps
+    every row) -> [T, out] in adapted's dtype."""
+    keep = update_ratio(adapted - base, base) >= tau
+    return torch.where(keep[:, None], adapted, base)

@@ -26,6 +26,14 @@ from coserve.settings import ADAPTER_NAME
 
 router = APIRouter(dependencies=[Depends(authorize)])
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
+TOKEN_SELECTION_NOTE = b"""# A token-selective (TS-PEFT) adapter
+
+`adapter_config.json` holds `coserve_token_selection`: one threshold tau per adapted module.
+coserve applies the adapter's update to a token only when ||update|| / ||base output|| >= tau.
+Plain peft ignores that key (it warns about an unexpected keyword) and applies every update, so
+its outputs differ from coserve's. Upload this directory (or this archive) to coserve to serve it
+with its gate: `POST /v1/adapters` or `coserve adapters push NAME DIR`.
+"""
 MAX_PAGE = 100
 
 
@@ -143,7 +151,10 @@ async def download_adapter(name: str, request: Request):
     except AdapterError as exc:
         raise _not_found(name) from exc
     folder = name.replace(":", "_")
-    body = await asyncio.to_thread(write_tar_gz, {CONFIG_FILE: files.config, WEIGHTS_FILE: files.weights}, folder)
+    members = {CONFIG_FILE: files.config, WEIGHTS_FILE: files.weights}
+    if b"coserve_token_selection" in files.config:
+        members["README.md"] = TOKEN_SELECTION_NOTE
+    body = await asyncio.to_thread(write_tar_gz, members, folder)
     return Response(body, media_type="application/gzip",
                     headers={"Content-Disposition": f'attachment; filename="{folder}.tar.gz"',
                              "x-adapter-version": str(record.version)})

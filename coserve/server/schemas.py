@@ -133,6 +133,12 @@ class Method(BaseModel):
 TRAINABLE_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+class TokenSelection(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    target_sparsity: float = Field(0.5, gt=0, lt=1, description="share of token updates to skip per module")
+
+
 class AdapterBlock(BaseModel):
     """coserve's extension: which adapter to train (PEFT names and defaults)."""
 
@@ -150,7 +156,7 @@ class AdapterBlock(BaseModel):
     weight_decay: float = Field(0.0, ge=0, le=1)
     max_grad_norm: float = Field(1.0, gt=0)
     checkpoint_every: int = Field(10, ge=1, description="optimizer steps between checkpoints")
-    token_selective: dict[str, Any] | None = None  # reserved for TS-PEFT
+    token_selection: TokenSelection | None = None  # TS-PEFT: gate token updates per module
 
     @field_validator("target_modules")
     @classmethod

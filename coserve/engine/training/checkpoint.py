@@ -19,6 +19,7 @@ class Progress:
     cursor: int = 0  # samples of this epoch already trained
     trained_tokens: int = 0  # training tokens forwarded (all epochs)
     last_loss: float | None = None  # train loss of the last optimizer step
+    thresholds: dict[str, float] | None = None  # TS-PEFT: tau per module path
 
 
 def dump(progress: Progress, adapter_tensors: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,

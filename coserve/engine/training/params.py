@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from safetensors.torch import save
@@ -18,6 +18,7 @@ from torch import nn
 
 from coserve.adapters import road
 from coserve.adapters.types import TARGET_MODULES, BaseModelShape
+from coserve.engine.training.token_gate import TokenGate, lora_gated, update_ratio
 
 PEFT_TYPES = ("LORA", "ROAD", "SHIRA")
 PEFT_SUFFIX = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "magnitude": "lora_magnitude_vector",
@@ -37,11 +38,16 @@ class AdapterSpec:
     variant: str = "road_1"  # RoAd: road_1 | road_2 | road_4
     group_size: int = 64  # RoAd rotation group size
     target_modules: tuple[str, ...] = TARGET_MODULES
-    token_selective: dict = field(default_factory=dict)  # reserved for TS-PEFT (its own issue)
+    target_sparsity: float | None = None  # TS-PEFT: share of token updates to skip per module (None: dense)
 
     @property
     def method(self) -> str:
         return "DORA" if self.peft_type == "LORA" and self.use_dora else self.peft_type
+
+
+def _split(key: str) -> tuple[int, str]:
+    layer, module = key.split(":")
+    return int(layer), module
 
 
 def _peft_prefix(layer: int, module: str) -> str:
@@ -77,12 +83,28 @@ class TrainableModule(nn.Module):
             self.shira_weight = nn.Parameter(torch.zeros(k))
         else:
             raise ValueError(f"peft_type must be one of {PEFT_TYPES}")
+        self.gate = TokenGate(spec.target_sparsity) if spec.target_sparsity is not None else None
 
     def apply(self, x: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None,
               weight_fn) -> torch.Tensor:
-        """x [T, in] -> this module's output rows y [T, out] (base output, bias included) with the update.
+        """x [T, in] -> this module's output rows y [T, out] (base output, bias included) with the update,
+        gated per token when the job is token-selective (see token_gate)."""
+        gate = self.gate
+        if gate is None:
+            return self._dense(x, y, bias, weight_fn)
+        if self.spec.peft_type == "LORA" and not self.spec.use_dora:  # expand + backward on kept rows only
+            out, kept = lora_gated(x, y, self.lora_A, self.lora_B, self.scale, gate.threshold)
+        else:
+            update = self._dense(x, y, bias, weight_fn) - y  # [T, out]
+            ratios = update_ratio(update.detach(), y.detach())
+            kept = ratios >= gate.threshold(ratios)
+            out = y + kept.to(update.dtype)[:, None] * update
+        if torch.is_grad_enabled():
+            gate.count(kept)
+        return out
 
-        weight_fn() gives the served base weight [out, in] float32 (DoRA's column norm only)."""
+    def _dense(self, x: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None, weight_fn) -> torch.Tensor:
+        """weight_fn() gives the served base weight [out, in] float32 (DoRA's column norm only)."""
         kind = self.spec.peft_type
         if kind == "LORA":
             delta = (x.float() @ self.lora_A.T) @ self.lora_B.T * self.scale  # [T, out]
@@ -164,7 +186,38 @@ class TrainableAdapter(nn.Module):
             config.update(variant=s.variant, group_size=s.group_size)
         else:
             config.update(r=s.r, mask_type="random")
+        if s.target_sparsity is not None:  # plain peft ignores this key (with a warning); coserve serves the gate
+            config["coserve_token_selection"] = {"target_sparsity": s.target_sparsity,
+                                                 "thresholds": self.thresholds()}
         return config
+
+    def thresholds(self) -> dict[str, float]:
+        """Module path (as in PEFT's tensor names, without base_model.model.) -> tau."""
+        return {_peft_prefix(*_split(key)).removeprefix("base_model.model."): part.gate.tau or 0.0
+                for key, part in self.parts.items() if part.gate is not None}
+
+    def set_thresholds(self, thresholds: dict[str, float]) -> None:
+        for key, part in self.parts.items():
+            path = _peft_prefix(*_split(key)).removeprefix("base_model.model.")
+            if part.gate is not None and path in thresholds:
+                part.gate.tau = thresholds[path]
+
+    def gate_step(self) -> dict[str, float]:
+        """Advance every threshold after an optimizer step; the skipped share per module name and overall."""
+        by_module: dict[str, list[int]] = {}
+        for key, part in self.parts.items():
+            if part.gate is None:
+                continue
+            seen, kept = part.gate.seen, part.gate.kept
+            part.gate.step()
+            totals = by_module.setdefault(_split(key)[1], [0, 0])
+            totals[0] += seen
+            totals[1] += kept
+        shares = {m: 1 - kept / seen for m, (seen, kept) in by_module.items() if seen}
+        seen_all = sum(t[0] for t in by_module.values())
+        if seen_all:
+            shares["overall"] = 1 - sum(t[1] for t in by_module.values()) / seen_all
+        return shares
 
     def peft_files(self, base_model: str) -> tuple[bytes, bytes]:
         """(adapter_config.json, adapter_model.safetensors) of the current weights."""

@@ -98,6 +98,7 @@ class TrainingJob:
         if spec.resume is not None:
             self.progress, tensors = checkpoint.restore(spec.resume, self.optimizer, self.scheduler, self.rng)
             self.adapter.load_peft_tensors(tensors)
+            self.adapter.set_thresholds(self.progress.thresholds or {})
         self.phase = "train"  # train | eval | done
         self.micro: list[list[int]] = []  # remaining micro-batches (sample indices) of the current batch
         self.eval_micro: list[list[int]] = []
@@ -227,6 +228,7 @@ class TrainingJob:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
+        skipped = self.adapter.gate_step()  # TS-PEFT: skipped shares since the last step; thresholds move
         progress.step += 1
         progress.last_loss = loss
         progress.cursor += self.batch_size_now
@@ -237,7 +239,8 @@ class TrainingJob:
             "step": progress.step, "train_loss": loss, "learning_rate": lr, "trained_tokens": progress.trained_tokens,
             "train_tokens_per_s": self._tokens_since / max(1e-9, now - self._since), "total_steps": self.total_steps,
             "epoch": progress.epoch, "grad_norm": float(norm),
-            "token_sparsity": 0.0}))  # share of token updates skipped: every token updates until TS-PEFT
+            "token_sparsity": skipped.pop("overall", 0.0),  # share of token updates skipped (0: dense)
+            "token_sparsity_per_module": skipped}))
         self._since, self._tokens_since = now, 0
         finished = progress.step >= self.total_steps
         if progress.step % spec.checkpoint_every == 0 and not finished:
@@ -260,5 +263,6 @@ class TrainingJob:
                                 files=self.adapter.peft_files(self.spec.base_model)))
 
     def checkpoint(self) -> bytes:
+        self.progress.thresholds = self.adapter.thresholds()
         return checkpoint.dump(self.progress, self.adapter.named_peft_tensors(), self.optimizer, self.scheduler,
                                self.rng)

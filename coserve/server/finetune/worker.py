@@ -256,7 +256,7 @@ class JobWorker:
             peft_type=a["peft_type"], r=a["r"], lora_alpha=a["lora_alpha"], use_dora=a["use_dora"],
             use_rslora=a["use_rslora"], variant=a["variant"], group_size=a["group_size"],
             target_modules=tuple(targets) if isinstance(targets, list) else AdapterSpec().target_modules,
-            token_selective=a.get("token_selective") or {})
+            target_sparsity=(a.get("token_selection") or {}).get("target_sparsity"))
         hp = request["hyperparameters"]
         init = None
         if request.get("continue_from"):

@@ -1,0 +1,78 @@
+"""Token-selective updates (TS-PEFT): h_i = W0 x_i + S_i * M(x_i), S_i = [r_i >= tau],
+r_i = ||M(x_i)|| / ||W0 x_i||, one threshold tau per adapted module.
+
+The threshold rule. The gate is a hard step, so tau gets no useful gradient; what the method needs
+is a tau that skips a chosen share of token updates (`target_sparsity` q) while the update norms
+drift during training. tau is therefore the q-quantile of r, tracked by stochastic approximation:
+one SGD step on the pinball (quantile) loss per optimizer step, whose subgradient in tau is
+(share of tokens with r < tau) - q. It runs in log space, so the step is scale-free
+(log tau += eta * (q - skipped share)), and tau starts at the q-quantile of the first chunk's r.
+The adapter's parameters see gradients only from kept tokens: S_i multiplies M(x_i), so skipped
+tokens contribute nothing, and for LoRA their rows never enter the backward matmuls (the update is
+expanded and back-propagated for the kept rows only; r comes from the r x r Gram matrix of B).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from coserve.kernels.adapter_ops import GATE_EPS as EPS
+from coserve.kernels.adapter_ops import update_ratio
+
+TAU_STEP = 0.5  # eta: log-space step of the quantile tracker
+
+
+def gate_ref(base: torch.Tensor, update: torch.Tensor, tau: float) -> torch.Tensor:
+    """Semantics: h = base + S * update with S_i = [r_i >= tau]. base, update [T, out] -> [T, out]."""
+    keep = (update_ratio(update.detach(), base.detach()) >= tau).to(update.dtype)[:, None]
+    return base + keep * update
+
+
+def lora_gated(x: torch.Tensor, y: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
+               threshold: Callable[[torch.Tensor], float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """gate_ref for a LoRA update s B A x, computing the expand and its backward on kept rows only.
+
+    x [T, in], y [T, out] (the base output), lora_a [r, in], lora_b [out, r] -> (h [T, out], kept [T] bool);
+    threshold(ratios [T]) gives tau.
+    ||s B h_i|| = s sqrt(h_i^T (B^T B) h_i) with h = A x, so r_i needs only the rank-r Gram matrix."""
+    h = x.float() @ lora_a.T  # [T, r]
+    with torch.no_grad():
+        gram = lora_b.T @ lora_b  # [r, r]
+        norms = scale * ((h @ gram) * h).sum(1).clamp_min(0).sqrt()  # [T]
+        ratios = norms / (y.float().norm(dim=1) + EPS)
+        kept = ratios >= threshold(ratios)
+    rows = kept.nonzero().flatten()
+    delta = (h.index_select(0, rows) @ lora_b.T) * scale  # [K, out]
+    return y.index_add(0, rows, delta.to(y.dtype)), kept
+
+
+class TokenGate:
+    """One module's threshold and its running counts between optimizer steps."""
+
+    def __init__(self, target_sparsity: float, tau: float | None = None):
+        self.target = target_sparsity
+        self.tau = tau  # None until the first chunk sets it
+        self.kept = 0
+        self.seen = 0
+
+    def threshold(self, ratios: torch.Tensor) -> float:
+        if self.tau is None:
+            self.tau = float(torch.quantile(ratios.float(), self.target)) if ratios.numel() else 0.0
+        return self.tau
+
+    def count(self, kept: torch.Tensor) -> None:
+        self.kept += int(kept.sum())
+        self.seen += kept.numel()
+
+    def step(self) -> float | None:
+        """After an optimizer step: move tau toward the target quantile; returns the skipped share."""
+        if not self.seen:
+            return None
+        skipped = 1 - self.kept / self.seen
+        if self.tau is not None and self.tau > 0:
+            self.tau = math.exp(math.log(self.tau) + TAU_STEP * (self.target - skipped))
+        self.kept = self.seen = 0
+        return skipped
