@@ -165,3 +165,30 @@ def test_inference_outputs_are_unchanged_while_a_job_trains(client):
     assert results == [alone] * 3
     assert during.status == "running", "the job ended before inference ran alongside it"
     assert wait_job(client, job.id).status == "succeeded"
+
+
+def test_a_token_selective_job_round_trips_with_its_thresholds(client, ft_server, tmp_path):
+    job = client.fine_tuning.jobs.create(model="demo-tiny", training_file=pairs_file(client), suffix="ts",
+                                    method=hyper(n_epochs=8), extra_body={"adapter": {
+                                        "r": 8, "token_selection": {"target_sparsity": 0.5}}})
+    job = wait_job(client, job.id)
+    assert job.status == "succeeded", job.error
+    last = [m for m in metrics(client, job.id) if "train_loss" in m][-1]
+    assert 0.3 <= last["token_sparsity"] <= 0.7 and "q_proj" in last["token_sparsity_per_module"]
+    raw = httpx.get(f"{ft_server.base_url}/adapters/{job.fine_tuned_model}/download", timeout=30).content
+    folder = extract_tar(raw, tmp_path / "ts")
+    assert "coserve_token_selection" in (folder / "adapter_config.json").read_text()
+    assert "Plain peft ignores that key" in (folder / "README.md").read_text()
+    again = httpx.post(f"{ft_server.base_url}/adapters", data={"name": "ts-again"},
+                       files={"archive": ("ts.tar.gz", raw)}, timeout=60)
+    assert again.status_code == 201, again.text
+
+    def text(model: str) -> str:
+        return client.completions.create(model=model, prompt=PAIRS[3][0], max_tokens=12, temperature=0,
+                                          extra_body={"ignore_eos": True}).choices[0].text
+
+    assert text("ts-again") == text(job.fine_tuned_model)
+    bad = httpx.post(f"{ft_server.base_url}/fine_tuning/jobs", json={
+        "model": "demo-tiny", "training_file": pairs_file(client), "adapter": {"token_selection": {
+            "target_sparsity": 1.5}}})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "adapter.token_selection.target_sparsity"

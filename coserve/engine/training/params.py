@@ -93,14 +93,14 @@ class TrainableModule(nn.Module):
         if gate is None:
             return self._dense(x, y, bias, weight_fn)
         if self.spec.peft_type == "LORA" and not self.spec.use_dora:  # expand + backward on kept rows only
-            out, kept = lora_gated(x, y, self.lora_A, self.lora_B, self.scale, gate.threshold)
+            out, kept, ratios = lora_gated(x, y, self.lora_A, self.lora_B, self.scale, gate.threshold)
         else:
             update = self._dense(x, y, bias, weight_fn) - y  # [T, out]
             ratios = update_ratio(update.detach(), y.detach())
             kept = ratios >= gate.threshold(ratios)
             out = y + kept.to(update.dtype)[:, None] * update
         if torch.is_grad_enabled():
-            gate.count(kept)
+            gate.count(kept, ratios)
         return out
 
     def _dense(self, x: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None, weight_fn) -> torch.Tensor:

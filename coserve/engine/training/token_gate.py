@@ -3,10 +3,11 @@ r_i = ||M(x_i)|| / ||W0 x_i||, one threshold tau per adapted module.
 
 The threshold rule. The gate is a hard step, so tau gets no useful gradient; what the method needs
 is a tau that skips a chosen share of token updates (`target_sparsity` q) while the update norms
-drift during training. tau is therefore the q-quantile of r, tracked by stochastic approximation:
-one SGD step on the pinball (quantile) loss per optimizer step, whose subgradient in tau is
-(share of tokens with r < tau) - q. It runs in log space, so the step is scale-free
-(log tau += eta * (q - skipped share)), and tau starts at the q-quantile of the first chunk's r.
+drift during training (they grow quickly early on). tau therefore tracks the q-quantile of r: after
+each optimizer step it moves, in log space (scale-free), half way to the q-quantile of the ratios
+seen during that step (an exponentially weighted quantile estimator; a pinball-loss SGD step, the
+other standard tracker, lagged the growing norms by several steps in our runs). tau starts at the
+q-quantile of the first chunk whose updates are non-zero.
 The adapter's parameters see gradients only from kept tokens: S_i multiplies M(x_i), so skipped
 tokens contribute nothing, and for LoRA their rows never enter the backward matmuls (the update is
 expanded and back-propagated for the kept rows only; r comes from the r x r Gram matrix of B).
@@ -22,7 +23,8 @@ import torch
 from coserve.kernels.adapter_ops import GATE_EPS as EPS
 from coserve.kernels.adapter_ops import update_ratio
 
-TAU_STEP = 0.5  # eta: log-space step of the quantile tracker
+TAU_STEP = 0.5  # share of the way log tau moves toward the log of the step's observed quantile
+SAMPLE_LIMIT = 8192  # update ratios kept per module and step for the quantile
 
 
 def gate_ref(base: torch.Tensor, update: torch.Tensor, tau: float) -> torch.Tensor:
@@ -32,11 +34,11 @@ def gate_ref(base: torch.Tensor, update: torch.Tensor, tau: float) -> torch.Tens
 
 
 def lora_gated(x: torch.Tensor, y: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
-               threshold: Callable[[torch.Tensor], float]) -> tuple[torch.Tensor, torch.Tensor]:
+               threshold: Callable[[torch.Tensor], float]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """gate_ref for a LoRA update s B A x, computing the expand and its backward on kept rows only.
 
-    x [T, in], y [T, out] (the base output), lora_a [r, in], lora_b [out, r] -> (h [T, out], kept [T] bool);
-    threshold(ratios [T]) gives tau.
+    x [T, in], y [T, out] (the base output), lora_a [r, in], lora_b [out, r]
+    -> (h [T, out], kept [T] bool, ratios [T]); threshold(ratios) gives tau.
     ||s B h_i|| = s sqrt(h_i^T (B^T B) h_i) with h = A x, so r_i needs only the rank-r Gram matrix."""
     h = x.float() @ lora_a.T  # [T, r]
     with torch.no_grad():
@@ -46,33 +48,45 @@ def lora_gated(x: torch.Tensor, y: torch.Tensor, lora_a: torch.Tensor, lora_b: t
         kept = ratios >= threshold(ratios)
     rows = kept.nonzero().flatten()
     delta = (h.index_select(0, rows) @ lora_b.T) * scale  # [K, out]
-    return y.index_add(0, rows, delta.to(y.dtype)), kept
+    return y.index_add(0, rows, delta.to(y.dtype)), kept, ratios
 
 
 class TokenGate:
-    """One module's threshold and its running counts between optimizer steps."""
+    """One module's threshold, and the update ratios it saw since the last optimizer step."""
 
     def __init__(self, target_sparsity: float, tau: float | None = None):
         self.target = target_sparsity
-        self.tau = tau  # None until the first chunk sets it
+        self.tau = tau  # None until the updates are non-zero
         self.kept = 0
         self.seen = 0
+        self._ratios: list[torch.Tensor] = []  # this step's r (a bounded sample)
+        self._sampled = 0
 
     def threshold(self, ratios: torch.Tensor) -> float:
-        if self.tau is None:
-            self.tau = float(torch.quantile(ratios.float(), self.target)) if ratios.numel() else 0.0
-        return self.tau
+        """tau for this chunk; until the updates are non-zero (LoRA starts with B = 0) it is re-estimated
+        from the chunk's ratios, then only the tracker moves it."""
+        if self.tau is None and ratios.numel():
+            start = float(torch.quantile(ratios.float(), self.target))
+            if start > 0:
+                self.tau = start
+            return start
+        return self.tau or 0.0
 
-    def count(self, kept: torch.Tensor) -> None:
+    def count(self, kept: torch.Tensor, ratios: torch.Tensor) -> None:
         self.kept += int(kept.sum())
         self.seen += kept.numel()
+        if self._sampled < SAMPLE_LIMIT:
+            self._ratios.append(ratios.detach().float()[: SAMPLE_LIMIT - self._sampled])
+            self._sampled += self._ratios[-1].numel()
 
     def step(self) -> float | None:
-        """After an optimizer step: move tau toward the target quantile; returns the skipped share."""
+        """After an optimizer step: move tau toward this step's q-quantile; returns the skipped share."""
         if not self.seen:
             return None
         skipped = 1 - self.kept / self.seen
-        if self.tau is not None and self.tau > 0:
-            self.tau = math.exp(math.log(self.tau) + TAU_STEP * (self.target - skipped))
-        self.kept = self.seen = 0
+        quantile = float(torch.quantile(torch.cat(self._ratios), self.target)) if self._ratios else 0.0
+        if self.tau is not None and quantile > 0:
+            self.tau = math.exp((1 - TAU_STEP) * math.log(self.tau) + TAU_STEP * math.log(quantile))
+        self.kept = self.seen = self._sampled = 0
+        self._ratios = []
         return skipped
