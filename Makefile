@@ -37,6 +37,7 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.adapter_swap
 	for slo in 100 250 0; do $(BIN)/python -m benchmarks.coserve --duration 20 --samples 64 \
 		--microbatch-tokens 256 --itl-slo-ms $$slo || exit 1; done
+	$(BIN)/python -m benchmarks.ts_peft --sizes tiny,small --epochs 6 --lr 1e-2
 
 clean:
 	rm -rf $(VENV) .pytest_cache
