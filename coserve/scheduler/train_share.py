@@ -59,6 +59,7 @@ class TrainShareController:
         self.inference = _LinearFit()
         self.extra_seconds = {"forward": _LinearFit(), "backward": _LinearFit()}  # per unit of fine-tuning work
         self._mixed_steps = 0  # since the last inference-only step
+        self._last_grant: dict[str, int] = {}  # units granted last time, per kind
 
     def needs_probe(self, inference_tokens: int) -> bool:
         """Skip fine-tuning this step to measure inference alone (keeps the fit current under co-serving)."""
@@ -89,12 +90,19 @@ class TrainShareController:
         return max(1, min(stages_left, units // max(1, pass_tokens)))
 
     def _units(self, kind: str, inference_tokens: int, default: int) -> int:
-        """The most units whose predicted extra time fits in the spare time."""
-        spare, fit = self._spare_seconds(inference_tokens), self.extra_seconds[kind].affine()
+        """The most units whose predicted extra time fits in the spare time. Cautious on both ends: the
+        cost per unit is at least half the plain average (a noisy fit can make the slope look free), and
+        a grant at most doubles the previous one of its kind (slow start)."""
+        spare, extra = self._spare_seconds(inference_tokens), self.extra_seconds[kind]
+        fit = extra.affine()
         if spare is None or fit is None:
             return default
-        fixed, per_unit = fit
-        return int(max(0.0, spare - fixed) / per_unit)
+        fixed, slope = fit
+        average = extra.sy / max(extra.sx, 1e-9)
+        units = int(max(0.0, spare - fixed) / max(slope, average / 2, 1e-12))
+        cap = 2 * self._last_grant.get(kind, default)
+        self._last_grant[kind] = min(units, cap)
+        return self._last_grant[kind]
 
     def observe(self, seconds: float, inference_tokens: int, kind: str | None = None, units: int = 0) -> None:
         """A finished step: inference-only steps refine the inference fit, others the cost per unit."""

@@ -80,4 +80,12 @@ def test_work_measured_as_free_does_not_break_the_fit():
     for _ in range(20):
         controller.observe(0.030, 32)
         controller.observe(0.020, 32, "forward", 16)  # faster than inference alone: zero extra time
-    assert controller.forward_tokens(32, 1000) == 1000
+    grants = [controller.forward_tokens(32, 1000) for _ in range(6)]
+    assert grants == [64, 128, 256, 512, 1000, 1000]  # grows by doubling (slow start) up to the leftover
+
+
+def test_a_grant_at_most_doubles_the_previous_one():
+    controller = TrainShareController(TrainShareConfig(itl_slo_s=1.0))
+    run(controller, 40, inference_tokens=8)
+    controller._last_grant["forward"] = 10  # as if the last grant had been small
+    assert controller.forward_tokens(8, 2040) == 20
