@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from typing import Any, TypeVar
 
 import redis
 from redis.backoff import ExponentialBackoff
@@ -31,6 +32,7 @@ from redis.retry import Retry
 log = logging.getLogger("coserve.store")
 
 RETIRED_BLOB_TTL_S = 600
+T = TypeVar("T")
 
 
 class StoreUnavailable(RuntimeError):
@@ -141,47 +143,39 @@ class AdapterStore:
         key = self._record_key(tenant, name)
         with unavailable_on_errors():
             revision = int(self.client.incr(f"{self.prefix}:revision"))
-            with self.client.pipeline(transaction=True) as pipe:
-                while True:
-                    try:
-                        pipe.watch(key)
-                        old = pipe.hmget(key, "version", "revision")
-                        version = int(old[0]) + 1 if old[0] else 1
-                        record = AdapterRecord(tenant, name, version, revision, method, rank, config.decode(),
-                                               base_fingerprint, original_bytes, len(stored), sha256, codec,
-                                               time.time())
-                        pipe.multi()
-                        pipe.set(self._blob_key(revision), stored)
-                        pipe.hset(key, mapping={k: str(v) for k, v in asdict(record).items()})
-                        pipe.zadd(self._index_key(tenant), {name: 0})
-                        if old[1]:
-                            pipe.expire(self._blob_key(int(old[1])), self.retired_blob_ttl_s)
-                        pipe.publish(self.channel, self._event("put", tenant, name, revision))
-                        pipe.execute()
-                        return record
-                    except redis.WatchError:
-                        continue
+
+        def attempt(pipe) -> AdapterRecord:
+            old = pipe.hmget(key, "version", "revision")
+            version = int(old[0]) + 1 if old[0] else 1
+            record = AdapterRecord(tenant, name, version, revision, method, rank, config.decode(),
+                                   base_fingerprint, original_bytes, len(stored), sha256, codec, time.time())
+            pipe.multi()
+            pipe.set(self._blob_key(revision), stored)
+            pipe.hset(key, mapping={k: str(v) for k, v in asdict(record).items()})
+            pipe.zadd(self._index_key(tenant), {name: 0})
+            if old[1]:
+                pipe.expire(self._blob_key(int(old[1])), self.retired_blob_ttl_s)
+            pipe.publish(self.channel, self._event("put", tenant, name, revision))
+            return record
+
+        return watched(self.client, key, attempt)
 
     def delete(self, tenant: str, name: str) -> bool:
         """Remove (tenant, name); False if it did not exist."""
         key = self._record_key(tenant, name)
-        with unavailable_on_errors(), self.client.pipeline(transaction=True) as pipe:
-            while True:
-                try:
-                    pipe.watch(key)
-                    revision = pipe.hget(key, "revision")
-                    if revision is None:
-                        pipe.unwatch()
-                        return False
-                    pipe.multi()
-                    pipe.delete(key)
-                    pipe.zrem(self._index_key(tenant), name)
-                    pipe.expire(self._blob_key(int(revision)), self.retired_blob_ttl_s)
-                    pipe.publish(self.channel, self._event("delete", tenant, name, int(revision)))
-                    pipe.execute()
-                    return True
-                except redis.WatchError:
-                    continue
+
+        def attempt(pipe) -> bool:
+            revision = pipe.hget(key, "revision")
+            if revision is None:
+                return False
+            pipe.multi()
+            pipe.delete(key)
+            pipe.zrem(self._index_key(tenant), name)
+            pipe.expire(self._blob_key(int(revision)), self.retired_blob_ttl_s)
+            pipe.publish(self.channel, self._event("delete", tenant, name, int(revision)))
+            return True
+
+        return watched(self.client, key, attempt)
 
     @staticmethod
     def _event(op: str, tenant: str, name: str, revision: int) -> str:
@@ -216,6 +210,24 @@ class AdapterStore:
         thread = threading.Thread(target=run, name="coserve-adapter-events", daemon=True)
         thread.start()
         return thread
+
+
+def watched(client: redis.Redis, key: str, attempt: Callable[[Any], T]) -> T:
+    """Optimistic transaction on `key`: attempt(pipe) reads through the pipeline with the key WATCHed, then
+    calls pipe.multi() and queues its writes (or returns without multi() to write nothing). EXEC runs
+    after it; if another client changed the key in between, the attempt is run again. Returns its value."""
+    with unavailable_on_errors(), client.pipeline(transaction=True) as pipe:
+        while True:
+            try:
+                pipe.watch(key)
+                result = attempt(pipe)
+                if pipe.explicit_transaction:
+                    pipe.execute()
+                else:
+                    pipe.unwatch()
+                return result
+            except redis.WatchError:
+                continue
 
 
 def sha256_hex(data: bytes) -> str:

@@ -185,11 +185,14 @@ def _chat_call(model: str, messages: list[dict], stream: bool, params: dict) -> 
                                                       **params}, parse=Completion.of)
 
 
-def _sse_data(line: str) -> dict | None:
-    """One SSE line -> its JSON payload (None for other lines and the final [DONE])."""
+def _sse_chunk(line: str) -> Chunk | None:
+    """One SSE line -> its Chunk (None for other lines and the final [DONE]); an error event raises."""
     if not line.startswith("data: ") or line == "data: [DONE]":
         return None
-    return json.loads(line[6:])
+    payload = json.loads(line[6:])
+    if "error" in payload:
+        raise error_from(500, payload)
+    return Chunk.of(payload)
 
 
 class _Base:
@@ -208,6 +211,21 @@ class _Base:
             return min(30.0, float(response.headers.get("retry-after", "")))
         except ValueError:
             return min(30.0, 0.5 * 2**attempt)
+
+    # The calls below return what the transport's _send/_stream return: values for Client, awaitables and
+    # async iterators for AsyncClient.
+    def models(self):
+        """The models this key may use: list[Model]."""
+        return self._send(Call("GET", "/v1/models", parse=_page(Model)))
+
+    def complete(self, model: str, prompt: Any, stream: bool = False, **params):
+        """A Completion, or with stream=True an iterator of Chunks."""
+        call = _completion_call(model, prompt, stream, params)
+        return self._stream(call) if stream else self._send(call)
+
+    def chat(self, model: str, messages: list[dict], stream: bool = False, **params):
+        call = _chat_call(model, messages, stream, params)
+        return self._stream(call) if stream else self._send(call)
 
     @staticmethod
     def _result(call: Call, response: httpx.Response):
@@ -256,24 +274,9 @@ class Client(_Base):
                 response.read()
                 self._result(call, response)
             for line in response.iter_lines():
-                payload = _sse_data(line)
-                if payload is not None:
-                    if "error" in payload:
-                        raise error_from(500, payload)
-                    yield Chunk.of(payload)
-
-    def models(self) -> list[Model]:
-        return self._send(Call("GET", "/v1/models", parse=_page(Model)))
-
-    def complete(self, model: str, prompt: Any, stream: bool = False, **params):
-        """A completion (Completion), or with stream=True an iterator of Chunks."""
-        call = _completion_call(model, prompt, stream, params)
-        return self._stream(call) if stream else self._send(call)
-
-    def chat(self, model: str, messages: list[dict], stream: bool = False, **params):
-        call = _chat_call(model, messages, stream, params)
-        return self._stream(call) if stream else self._send(call)
-
+                chunk = _sse_chunk(line)
+                if chunk is not None:
+                    yield chunk
 
 class _SyncJobs(FineTuning):
     def wait(self, job_id: str, poll_s: float = 1.0, timeout: float | None = None,
@@ -320,24 +323,9 @@ class AsyncClient(_Base):
                 await response.aread()
                 self._result(call, response)
             async for line in response.aiter_lines():
-                payload = _sse_data(line)
-                if payload is not None:
-                    if "error" in payload:
-                        raise error_from(500, payload)
-                    yield Chunk.of(payload)
-
-    async def models(self) -> list[Model]:
-        return await self._send(Call("GET", "/v1/models", parse=_page(Model)))
-
-    def complete(self, model: str, prompt: Any, stream: bool = False, **params):
-        """Awaitable Completion, or with stream=True an async iterator of Chunks."""
-        call = _completion_call(model, prompt, stream, params)
-        return self._stream(call) if stream else self._send(call)
-
-    def chat(self, model: str, messages: list[dict], stream: bool = False, **params):
-        call = _chat_call(model, messages, stream, params)
-        return self._stream(call) if stream else self._send(call)
-
+                chunk = _sse_chunk(line)
+                if chunk is not None:
+                    yield chunk
 
 class _AsyncJobs(FineTuning):
     async def wait(self, job_id: str, poll_s: float = 1.0, timeout: float | None = None,

@@ -21,7 +21,14 @@ from coserve.adapters.ingest import peft_files, prepare
 from coserve.adapters.peft_format import load_adapter_dir
 from coserve.adapters.store import AdapterRecord, AdapterStore
 from coserve.adapters.types import AdapterError
-from coserve.server.state import ApiError, ServerState, authorize, require_admin, store_adapter_prefix
+from coserve.server.state import (
+    ApiError,
+    ServerState,
+    authorize,
+    require_admin,
+    server_state,
+    store_adapter_prefix,
+)
 from coserve.settings import ADAPTER_NAME
 
 router = APIRouter(dependencies=[Depends(authorize)])
@@ -35,10 +42,6 @@ its outputs differ from coserve's. Upload this directory (or this archive) to co
 with its gate: `POST /v1/adapters` or `coserve adapters push NAME DIR`.
 """
 MAX_PAGE = 100
-
-
-def _state(request: Request) -> ServerState:
-    return request.app.state.coserve
 
 
 def _store(st: ServerState) -> AdapterStore:
@@ -104,7 +107,7 @@ async def _upload_files(request: Request, max_bytes: int) -> tuple[dict[str, str
 
 @router.post("/v1/adapters", status_code=201)
 async def upload_adapter(request: Request):
-    st = _state(request)
+    st = server_state(request)
     store = _store(st)
     try:
         fields, files = await _upload_files(request, st.config.max_upload_bytes)
@@ -127,7 +130,7 @@ async def upload_adapter(request: Request):
 
 @router.get("/v1/adapters")
 async def list_adapters(request: Request, limit: int = 20, after: str | None = None):
-    st = _state(request)
+    st = server_state(request)
     if not 1 <= limit <= MAX_PAGE:
         raise ApiError(400, f"limit must lie in [1, {MAX_PAGE}]", param="limit")
     records, more = await asyncio.to_thread(_store(st).list, request.state.principal.tenant, after, limit)
@@ -138,13 +141,13 @@ async def list_adapters(request: Request, limit: int = 20, after: str | None = N
 
 @router.get("/v1/adapters/{name}")
 async def get_adapter(name: str, request: Request):
-    return _adapter_json(await _own_record(_state(request), request, name))
+    return _adapter_json(await _own_record(server_state(request), request, name))
 
 
 @router.get("/v1/adapters/{name}/download")
 async def download_adapter(name: str, request: Request):
     """The current version as a .tar.gz PEFT directory (dense weights, whatever the stored codec)."""
-    st = _state(request)
+    st = server_state(request)
     record = await _own_record(st, request, name)
     try:
         files = await asyncio.to_thread(peft_files, _store(st), record)
@@ -162,7 +165,7 @@ async def download_adapter(name: str, request: Request):
 
 @router.delete("/v1/adapters/{name}")
 async def delete_adapter(name: str, request: Request):
-    st = _state(request)
+    st = server_state(request)
     deleted = await asyncio.to_thread(_store(st).delete, request.state.principal.tenant, name)
     if not deleted:
         raise _not_found(name)
@@ -182,7 +185,7 @@ class UnloadLoraRequest(BaseModel):
 @router.post("/v1/load_lora_adapter", dependencies=[Depends(require_admin)])
 async def load_lora_adapter(body: LoadLoraRequest, request: Request):
     """Serve the PEFT directory `lora_path` (on the server) as `lora_name` for every tenant."""
-    st = _state(request)
+    st = server_state(request)
     name = _check_name(st, body.lora_name, "lora_name")
     if name in st.shared_adapters:
         raise ApiError(400, f"The lora adapter '{name}' has already been loaded.", param="lora_name")
@@ -206,7 +209,7 @@ async def load_lora_adapter(body: LoadLoraRequest, request: Request):
 
 @router.post("/v1/unload_lora_adapter", dependencies=[Depends(require_admin)])
 async def unload_lora_adapter(body: UnloadLoraRequest, request: Request):
-    st = _state(request)
+    st = server_state(request)
     name = body.lora_name
     if name not in st.shared_adapters:
         raise ApiError(404, f"The lora adapter '{name}' cannot be found.", "NotFoundError", "lora_name")

@@ -25,14 +25,10 @@ from coserve.server.schemas import (
     new_id,
     now,
 )
-from coserve.server.state import ApiError, ServerState, authorize
+from coserve.server.state import ApiError, ServerState, authorize, server_state
 
 router = APIRouter(dependencies=[Depends(authorize)])
 MODELS_PAGE = 200
-
-
-def server_state(request: Request) -> ServerState:
-    return request.app.state.coserve
 
 
 @router.get("/v1/models")

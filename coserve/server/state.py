@@ -88,6 +88,11 @@ class ServerState:
                            headers={"Retry-After": "1"})
 
 
+def server_state(request: Request) -> ServerState:
+    """The app's ServerState (what every route works with)."""
+    return request.app.state.coserve
+
+
 def engine_adapter_id(record: AdapterRecord) -> str:
     """A stored revision's id inside the engine: a new version is a new id, so requests running on the
     old one finish on it while new requests load the new one."""

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import redis
 
-from coserve.adapters.store import unavailable_on_errors
+from coserve.adapters.store import unavailable_on_errors, watched
 
 GROUP = "trainers"
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -122,26 +122,22 @@ class FineTuneStore:
         """Apply `change` to the job atomically (WATCH); it returns None to leave the job as is.
         `extra(pipe, job)` may add commands to the same transaction."""
         key = self._job_key(job_id)
-        with unavailable_on_errors(), self.r.pipeline(transaction=True) as pipe:
-            while True:
-                try:
-                    pipe.watch(key)
-                    raw = pipe.hget(key, "job")
-                    if raw is None:
-                        raise KeyError(job_id)
-                    job = json.loads(raw)
-                    new = change(dict(job))
-                    if new is None:
-                        pipe.unwatch()
-                        return job
-                    pipe.multi()
-                    pipe.hset(key, "job", json.dumps(new))
-                    if extra is not None:
-                        extra(pipe, new)
-                    pipe.execute()
-                    return new
-                except redis.WatchError:
-                    continue
+
+        def attempt(pipe) -> dict:
+            raw = pipe.hget(key, "job")
+            if raw is None:
+                raise KeyError(job_id)
+            job = json.loads(raw)
+            new = change(dict(job))
+            if new is None:
+                return job
+            pipe.multi()
+            pipe.hset(key, "job", json.dumps(new))
+            if extra is not None:
+                extra(pipe, new)
+            return new
+
+        return watched(self.r, key, attempt)
 
     def enqueue(self, job_id: str) -> None:
         with unavailable_on_errors():

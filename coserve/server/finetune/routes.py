@@ -16,23 +16,19 @@ from fastapi import APIRouter, Depends, Request
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
 
-from coserve.adapters.ingest import peft_files
 from coserve.engine.training.dataset import DatasetError, parse_jsonl
 from coserve.server.finetune.records import TERMINAL, FineTuneStore, new_id
 from coserve.server.finetune.worker import fine_tuned_name
 from coserve.server.schemas import FineTuningJobRequest
-from coserve.server.state import ApiError, ServerState, authorize
+from coserve.server.state import ApiError, ServerState, authorize, server_state
 
 router = APIRouter(dependencies=[Depends(authorize)])
 PURPOSES = ("fine-tune",)
 MAX_PAGE = 100
 
 
-def _state(request: Request) -> ServerState:
-    return request.app.state.coserve
-
-
-def _records(st: ServerState) -> FineTuneStore:
+def _records(request: Request) -> FineTuneStore:
+    st = server_state(request)
     if st.finetune is None:
         raise ApiError(404, "this server runs without a store: files and fine-tuning are off", "NotFoundError")
     return st.finetune
@@ -45,8 +41,7 @@ def _tenant(request: Request) -> str:
 # ---------------------------------------------------------------- files
 @router.post("/v1/files")
 async def upload_file(request: Request):
-    st = _state(request)
-    records = _records(st)
+    records = _records(request)
     try:
         form = await request.form(max_files=1, max_fields=4, max_part_size=64 * 1024)
     except MultiPartException as exc:
@@ -71,13 +66,13 @@ async def upload_file(request: Request):
 
 @router.get("/v1/files")
 async def list_files(request: Request, purpose: str | None = None):
-    files = await asyncio.to_thread(_records(_state(request)).list_files, _tenant(request))
+    files = await asyncio.to_thread(_records(request).list_files, _tenant(request))
     data = [f for f in files if purpose is None or f["purpose"] == purpose]
     return {"object": "list", "data": data, "has_more": False}
 
 
 async def _own_file(request: Request, file_id: str, param: str = "file_id") -> dict:
-    meta = await asyncio.to_thread(_records(_state(request)).file_meta, _tenant(request), file_id)
+    meta = await asyncio.to_thread(_records(request).file_meta, _tenant(request), file_id)
     if meta is None:
         raise ApiError(404, f"No such File object: {file_id}", "NotFoundError", param)
     return meta
@@ -91,7 +86,7 @@ async def get_file(request: Request, file_id: str):
 @router.delete("/v1/files/{file_id}")
 async def delete_file(request: Request, file_id: str):
     await _own_file(request, file_id)
-    await asyncio.to_thread(_records(_state(request)).delete_file, _tenant(request), file_id)
+    await asyncio.to_thread(_records(request).delete_file, _tenant(request), file_id)
     return {"id": file_id, "object": "file", "deleted": True}
 
 
@@ -108,7 +103,6 @@ async def _continued_adapter(st: ServerState, tenant: str, name: str) -> dict:
     if config.get("rank_pattern") or config.get("alpha_pattern") or config.get("layers_to_transform"):
         raise ApiError(400, "adapters with rank/alpha patterns or layer subsets cannot be trained further",
                        param="model")
-    await asyncio.to_thread(peft_files, st.store, record)  # still readable
     targets = config.get("target_modules")
     return {"peft_type": "LORA", "r": config["r"], "lora_alpha": config.get("lora_alpha", 8),
             "use_dora": bool(config.get("use_dora")), "use_rslora": bool(config.get("use_rslora")),
@@ -132,8 +126,8 @@ def _check_adapter_block(st: ServerState, adapter: dict) -> None:
 
 @router.post("/v1/fine_tuning/jobs")
 async def create_job(request: Request, body: FineTuningJobRequest):
-    st = _state(request)
-    records, tenant = _records(st), _tenant(request)
+    st = server_state(request)
+    records, tenant = _records(request), _tenant(request)
     base = st.config.served_model_name
     adapter = body.adapter.model_dump()
     continue_from = None
@@ -178,7 +172,7 @@ async def create_job(request: Request, body: FineTuningJobRequest):
 
 
 async def _own_job(request: Request, job_id: str) -> dict:
-    job = await asyncio.to_thread(_records(_state(request)).job, _tenant(request), job_id)
+    job = await asyncio.to_thread(_records(request).job, _tenant(request), job_id)
     if job is None:
         raise ApiError(404, f"No such fine-tuning job: {job_id}", "NotFoundError", "fine_tuning_job_id")
     return job
@@ -192,7 +186,7 @@ def _limit(limit: int) -> int:
 
 @router.get("/v1/fine_tuning/jobs")
 async def list_jobs(request: Request, after: str | None = None, limit: int = 20):
-    jobs, more = await asyncio.to_thread(_records(_state(request)).list_jobs, _tenant(request), after,
+    jobs, more = await asyncio.to_thread(_records(request).list_jobs, _tenant(request), after,
                                          _limit(limit))
     return {"object": "list", "data": jobs, "has_more": more}
 
@@ -205,7 +199,7 @@ async def get_job(request: Request, job_id: str):
 @router.post("/v1/fine_tuning/jobs/{job_id}/cancel")
 async def cancel_job(request: Request, job_id: str):
     await _own_job(request, job_id)
-    records = _records(_state(request))
+    records = _records(request)
 
     ended: list[str] = []
 
@@ -237,12 +231,12 @@ def _page(items: list[dict], after: str | None, limit: int) -> dict:
 @router.get("/v1/fine_tuning/jobs/{job_id}/events")
 async def job_events(request: Request, job_id: str, after: str | None = None, limit: int = 20):
     await _own_job(request, job_id)
-    events = await asyncio.to_thread(_records(_state(request)).events, job_id)
+    events = await asyncio.to_thread(_records(request).events, job_id)
     return _page(events, after, _limit(limit))
 
 
 @router.get("/v1/fine_tuning/jobs/{job_id}/checkpoints")
 async def job_checkpoints(request: Request, job_id: str, after: str | None = None, limit: int = 10):
     await _own_job(request, job_id)
-    checkpoints = await asyncio.to_thread(_records(_state(request)).checkpoints, job_id)
+    checkpoints = await asyncio.to_thread(_records(request).checkpoints, job_id)
     return _page(checkpoints, after, _limit(limit))

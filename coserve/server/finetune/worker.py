@@ -73,7 +73,6 @@ class JobWorker:
         self.consumer = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.current_job: str | None = None
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="coserve-jobs", daemon=True)
@@ -85,17 +84,22 @@ class JobWorker:
             self._thread.join(timeout)
 
     def _run(self) -> None:
+        group_ready = False  # the consumer group is created once, and again after any error (a flushed Redis)
         while not self._stop.is_set():
             try:
-                self.records.ensure_group()
+                if not group_ready:
+                    self.records.ensure_group()
+                    group_ready = True
                 claimed = self.records.claim_next(self.consumer, self.config.claim_idle_s, block_ms=500)
                 if claimed is not None:
                     self._handle(claimed)
             except StoreUnavailable as exc:
                 log.warning("job queue unavailable: %s", exc)
+                group_ready = False
                 self._stop.wait(1.0)
             except Exception:  # noqa: BLE001 - the worker outlives any one job
                 log.exception("job worker error")
+                group_ready = False
                 self._stop.wait(1.0)
 
     # ---- one job ----
@@ -117,7 +121,6 @@ class JobWorker:
         if self.adapters.get(tenant, name) is not None:  # trained before an interruption: just record it
             self._finish(claimed, job_id, "succeeded", fine_tuned_model=name)
             return
-        self.current_job = job_id
         try:
             self._train(claimed, tenant, request, name)
         except StoreUnavailable:
@@ -128,8 +131,6 @@ class JobWorker:
         except JobFailed as exc:
             self._finish(claimed, job_id, "failed", error={"code": exc.code, "message": exc.message,
                                                            "param": exc.param})
-        finally:
-            self.current_job = None
 
     def _train(self, claimed: Claimed, tenant: str, request: dict, name: str) -> None:
         job_id = claimed.job_id
@@ -285,4 +286,7 @@ class JobWorker:
         record = self.adapters.get(tenant, name)
         if record is None:
             raise JobFailed("model_not_found", f"the adapter {name} no longer exists", "model")
-        return load(peft_files(self.adapters, record).weights)
+        try:
+            return load(peft_files(self.adapters, record).weights)
+        except AdapterError as exc:
+            raise JobFailed("model_not_found", str(exc), "model") from exc
