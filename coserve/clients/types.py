@@ -66,6 +66,7 @@ class Job(_Object):
     error: dict | None = None
     created_at: int | None = None
     finished_at: int | None = None
+    module_selection: dict | None = None  # target_modules "auto": the probe's ranking
 
     @property
     def done(self) -> bool:

@@ -157,14 +157,16 @@ class AdapterBlock(BaseModel):
     max_grad_norm: float = Field(1.0, gt=0)
     checkpoint_every: int = Field(10, ge=1, description="optimizer steps between checkpoints")
     token_selection: TokenSelection | None = None  # TS-PEFT: gate token updates per module
+    parameter_budget: int | None = Field(None, ge=1, description="target_modules 'auto': trainable parameters")
+    probe_steps: int = Field(10, ge=2, le=1000, description="target_modules 'auto': optimizer steps of the probe")
 
     @field_validator("target_modules")
     @classmethod
     def _targets(cls, v):
-        if v == "all-linear":
+        if v in ("all-linear", "auto"):
             return v
         if isinstance(v, str) or not v or any(m not in TRAINABLE_MODULES for m in v):
-            raise ValueError(f"must be 'all-linear' or a non-empty list of {list(TRAINABLE_MODULES)}")
+            raise ValueError(f"must be 'all-linear', 'auto' or a non-empty list of {list(TRAINABLE_MODULES)}")
         return sorted(set(v), key=TRAINABLE_MODULES.index)
 
 

@@ -5,6 +5,7 @@ computed (same gate, same log-probabilities)."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -13,7 +14,8 @@ from safetensors.torch import load
 from coserve.adapters.peft_format import build_adapter, parse_config, parse_tensors
 from coserve.engine.engine import EngineConfig, LLMEngine
 from coserve.engine.training.coforward import IGNORE, PassState, TrainRows, coserved_forward
-from coserve.engine.training.params import AdapterSpec, TrainableAdapter
+from coserve.engine.training.module_selection import module_costs, probe_adapter, select_modules
+from coserve.engine.training.params import AdapterSpec, TrainableAdapter, module_path
 from coserve.engine.training.token_gate import TokenGate, gate_ref, lora_gated
 from coserve.kernels.adapter_ops import gate_updates, update_ratio
 from coserve.scheduler.request import SamplingParams
@@ -50,8 +52,9 @@ def test_thresholds_track_the_target_sparsity():
     gen = torch.Generator().manual_seed(1)
     for step in range(60):  # update ratios drift upward as training goes, the share skipped stays on target
         ratios = torch.rand(512, generator=gen) * (1 + step / 20)
-        gate.count(ratios >= gate.threshold(ratios), ratios)
-        skipped = gate.step()
+        skipped = float((ratios < gate.threshold(ratios)).float().mean())
+        gate.observe(ratios)
+        gate.step()
     assert skipped == pytest.approx(0.3, abs=0.05)
 
 
@@ -93,3 +96,50 @@ def test_a_token_selective_job_skips_its_share_and_serves_what_it_trained(demo_t
                      engine.runner.kv_caches, [TrainRows(0, sequence, 0, labels)], state, trained)
     assert state.num_label_tokens == len(tokens)
     assert -state.loss_sum == pytest.approx(sum(logprobs), abs=1e-3)
+
+
+@pytest.mark.parametrize("adapter", [AdapterSpec("LORA", r=4), AdapterSpec("LORA", r=4, use_dora=True),
+                                     AdapterSpec("ROAD", variant="road_2", group_size=8), AdapterSpec("SHIRA", r=2)])
+def test_module_costs_are_the_trained_parameters(demo_tiny, adapter):
+    engine = LLMEngine(EngineConfig(model=str(demo_tiny), dtype="float32", kv_cache_memory=1 << 22))
+    shape = engine.adapters.shape
+    trained = TrainableAdapter(adapter, shape, lambda layer, module: torch.randn(*shape.module_shapes[module]), 0)
+    assert trained.parameter_counts() == module_costs(adapter, shape)
+
+
+def test_the_auto_probe_ranks_modules_and_the_job_trains_the_densest_within_budget(demo_tiny):
+    engine = LLMEngine(EngineConfig(model=str(demo_tiny), dtype="float32", kv_cache_memory=1 << 24))
+    job_adapter = AdapterSpec("LORA", r=4)
+    probe = _spec(engine, adapter=probe_adapter(job_adapter), max_steps=10, n_epochs=50, checkpoint_every=100)
+    events = _train(engine, probe)
+    metrics = [e.data for e in events if e.kind == "metrics"]
+    assert len(metrics) == 10 and not any(e.kind == "checkpoint" for e in events)
+    late = [m["token_sparsity"] for m in metrics[5:]]
+    assert 0.25 < sum(late) / len(late) < 0.75  # one shared bar (it lags the fast-growing norms of a short probe)
+    density = next(e for e in events if e.kind == "succeeded").data["token_density"]
+    costs = module_costs(job_adapter, engine.adapters.shape)
+    assert set(density) == set(costs)
+    assert max(density.values()) - min(density.values()) > 0.3  # modules clear the common bar unequally
+    assert sum(density.values()) / len(density) == pytest.approx(1 - sum(late) / len(late), abs=0.1)
+
+    budget = sum(costs.values()) // 2
+    selection = select_modules(density, costs, budget, probe_steps=10)
+    by_path = {m.module: m for m in selection.ranking}
+    key_of = {module_path(int(k.split(":")[0]), k.split(":")[1]): k for k in costs}
+    assert [m.token_density for m in selection.ranking] == sorted((m.token_density for m in selection.ranking),
+                                                                  reverse=True)
+    chosen = [key_of[m.module] for m in selection.ranking if m.selected]
+    assert sum(costs[k] for k in chosen) == selection.selected_parameters <= budget
+    for m in selection.ranking:  # greedy: a module left out did not fit beside the denser ones chosen
+        if not m.selected:
+            denser = sum(x.parameters for x in selection.ranking if x.selected and x.token_density >= m.token_density)
+            assert denser + m.parameters > budget
+    assert by_path[selection.ranking[0].module].selected
+
+    # the job proper trains exactly the selected modules and exports them as PEFT module paths
+    adapter = replace(job_adapter, target_parts=selection.parts())
+    done = next(e for e in _train(engine, _spec(engine, adapter=adapter, job_id="main")) if e.kind == "succeeded")
+    config = json.loads(done.files[0])
+    assert sorted(config["target_modules"]) == sorted(m.module for m in selection.ranking if m.selected)
+    trained = {name.removeprefix("base_model.model.").rsplit(".lora_", 1)[0] for name in load(done.files[1])}
+    assert trained == set(config["target_modules"])

@@ -10,6 +10,7 @@ import threading
 import httpx
 import openai
 import pytest
+from safetensors.torch import load_file
 
 from tests.server.conftest import start_server
 from tests.server.finetune_helpers import PAIRS, hyper, jsonl, messages, metrics, pairs_file, wait_job
@@ -192,3 +193,51 @@ def test_a_token_selective_job_round_trips_with_its_thresholds(client, ft_server
         "model": "demo-tiny", "training_file": pairs_file(client), "adapter": {"token_selection": {
             "target_sparsity": 1.5}}})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "adapter.token_selection.target_sparsity"
+
+
+def test_auto_target_modules_probe_ranks_and_trains_the_densest_within_budget(client, ft_server, tmp_path):
+    job = client.fine_tuning.jobs.create(model="demo-tiny", training_file=pairs_file(client), suffix="auto",
+                                         method=hyper(n_epochs=6), extra_body={"adapter": {
+                                             "r": 8, "target_modules": "auto", "parameter_budget": 6000,
+                                             "probe_steps": 6}})
+    job = wait_job(client, job.id)
+    assert job.status == "succeeded", job.error
+    selection = job.to_dict()["module_selection"]
+    ranking = selection["ranking"]
+    assert len(ranking) == 2 * 7 and selection["probe_steps"] == 6 and selection["parameter_budget"] == 6000
+    densities = [m["token_density"] for m in ranking]
+    assert densities == sorted(densities, reverse=True) and densities[0] > densities[-1]
+    chosen = {m["module"] for m in ranking if m["selected"]}
+    assert 0 < len(chosen) < 14
+    assert sum(m["parameters"] for m in ranking if m["selected"]) == selection["selected_parameters"] <= 6000
+    probe = [m for m in metrics(client, job.id) if m.get("phase") == "probe"]
+    assert [m["step"] for m in probe] == list(range(1, 7))
+    assert any(m.startswith(f"Selected {len(chosen)} of 14 modules") for m in messages(client, job.id))
+
+    # the adapter adapts exactly the selected modules, and peft serves it as coserve does
+    raw = httpx.get(f"{ft_server.base_url}/adapters/{job.fine_tuned_model}/download", timeout=30)
+    folder = extract_tar(raw.content, tmp_path / "auto")
+    names = load_file(folder / "adapter_model.safetensors")
+    assert {n.removeprefix("base_model.model.").rsplit(".lora_", 1)[0] for n in names} == chosen
+    tokens, logprobs = peft_reference(ft_server.model_dir, folder, PROMPT)
+    served = httpx.post(f"{ft_server.base_url}/completions", timeout=60, json={
+        "model": job.fine_tuned_model, "prompt": PROMPT, "max_tokens": len(tokens), "temperature": 0,
+        "ignore_eos": True, "logprobs": 0}).json()["choices"][0]["logprobs"]
+    assert served["token_logprobs"] == pytest.approx(logprobs, abs=2e-3)
+
+
+def test_auto_target_modules_needs_a_fitting_budget(client, ft_server):
+    url, file_id = ft_server.base_url + "/fine_tuning/jobs", pairs_file(client)
+    cases = [({"target_modules": "auto"}, "adapter.parameter_budget"),
+             ({"target_modules": "auto", "parameter_budget": 100}, "adapter.parameter_budget"),
+             ({"parameter_budget": 5000}, "adapter.parameter_budget"),
+             ({"target_modules": "auto", "parameter_budget": 5000, "probe_steps": 1}, "adapter.probe_steps")]
+    for adapter, param in cases:
+        resp = httpx.post(url, json={"model": "demo-tiny", "training_file": file_id, "adapter": adapter})
+        assert resp.status_code == 400 and resp.json()["error"]["param"] == param, (adapter, resp.text)
+    resp = httpx.post(url, json={"model": "some-adapter", "training_file": file_id,
+                                 "adapter": {"target_modules": "auto", "parameter_budget": 5000}})
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "adapter.target_modules", resp.text
+    assert "smallest module's 768 parameters" in httpx.post(url, json={
+        "model": "demo-tiny", "training_file": file_id,
+        "adapter": {"target_modules": "auto", "parameter_budget": 100}}).json()["error"]["message"]

@@ -39,10 +39,26 @@ class AdapterSpec:
     group_size: int = 64  # RoAd rotation group size
     target_modules: tuple[str, ...] = TARGET_MODULES
     target_sparsity: float | None = None  # TS-PEFT: share of token updates to skip per module (None: dense)
+    target_parts: tuple[str, ...] | None = None  # "layer:module" keys; overrides target_modules ("auto")
+    shared_threshold: bool = False  # one tau for every module (the "auto" probe), not one per module
 
     @property
     def method(self) -> str:
         return "DORA" if self.peft_type == "LORA" and self.use_dora else self.peft_type
+
+    def trains(self, layer: int, module: str) -> bool:
+        if self.target_parts is not None:
+            return f"{layer}:{module}" in self.target_parts
+        return module in self.target_modules
+
+
+def parameter_count(spec: AdapterSpec, out_f: int, in_f: int) -> int:
+    """Trainable parameters of one (layer, module) of shape [out_f, in_f] under `spec`."""
+    if spec.peft_type == "LORA":
+        return spec.r * (in_f + out_f) + (out_f if spec.use_dora else 0)
+    if spec.peft_type == "ROAD":
+        return 2 * int(out_f * road._SIZE_FACTOR[spec.variant])
+    return min(spec.r * (in_f + out_f), in_f * out_f)
 
 
 def _split(key: str) -> tuple[int, str]:
@@ -50,16 +66,35 @@ def _split(key: str) -> tuple[int, str]:
     return int(layer), module
 
 
-def _peft_prefix(layer: int, module: str) -> str:
+def module_path(layer: int, module: str) -> str:
+    """The module's path in the HF model ("model.layers.3.mlp.down_proj"), as thresholds and rankings name it."""
     group = "mlp" if module in ("gate_proj", "up_proj", "down_proj") else "self_attn"
-    return f"base_model.model.model.layers.{layer}.{group}.{module}"
+    return f"model.layers.{layer}.{group}.{module}"
+
+
+def _peft_prefix(layer: int, module: str) -> str:
+    return f"base_model.model.{module_path(layer, module)}"
+
+
+def skipped_shares(counts: dict[str, tuple[int, int]]) -> dict[str, float]:
+    """(gated, kept) per "layer:module" -> the share skipped per module name (over layers) and "overall"."""
+    by_module: dict[str, list[int]] = {}
+    for key, (seen, kept) in counts.items():
+        totals = by_module.setdefault(_split(key)[1], [0, 0])
+        totals[0] += seen
+        totals[1] += kept
+    shares = {m: 1 - kept / seen for m, (seen, kept) in by_module.items() if seen}
+    seen_all = sum(t[0] for t in by_module.values())
+    if seen_all:
+        shares["overall"] = 1 - sum(t[1] for t in by_module.values()) / seen_all
+    return shares
 
 
 class TrainableModule(nn.Module):
     """One (layer, module)'s trainable tensors; `apply` adds its update to the training rows."""
 
     def __init__(self, spec: AdapterSpec, out_f: int, in_f: int, base_weight: torch.Tensor,
-                 generator: torch.Generator):
+                 generator: torch.Generator, gate: TokenGate | None = None):
         super().__init__()
         self.spec, self.out_f, self.in_f = spec, out_f, in_f
         if spec.peft_type == "LORA":
@@ -83,7 +118,10 @@ class TrainableModule(nn.Module):
             self.shira_weight = nn.Parameter(torch.zeros(k))
         else:
             raise ValueError(f"peft_type must be one of {PEFT_TYPES}")
-        self.gate = TokenGate(spec.target_sparsity) if spec.target_sparsity is not None else None
+        if gate is None and spec.target_sparsity is not None:
+            gate = TokenGate(spec.target_sparsity)
+        self.gate = gate  # TS-PEFT threshold (possibly shared with the other modules)
+        self.seen = self.kept = 0  # token updates gated / applied since the last optimizer step
 
     def apply(self, x: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None,
               weight_fn) -> torch.Tensor:
@@ -100,7 +138,9 @@ class TrainableModule(nn.Module):
             kept = ratios >= gate.threshold(ratios)
             out = y + kept.to(update.dtype)[:, None] * update
         if torch.is_grad_enabled():
-            gate.count(kept, ratios)
+            gate.observe(ratios)
+            self.seen += kept.numel()
+            self.kept += int(kept.sum())
         return out
 
     def _dense(self, x: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None, weight_fn) -> torch.Tensor:
@@ -132,13 +172,16 @@ class TrainableAdapter(nn.Module):
         super().__init__()
         self.spec, self.shape = spec, shape
         generator = torch.Generator().manual_seed(seed)
+        shared = TokenGate(spec.target_sparsity) if spec.shared_threshold and spec.target_sparsity else None
         self.parts = nn.ModuleDict()
         for layer in range(shape.num_layers):
             for module in TARGET_MODULES:
-                if module in spec.target_modules:
+                if spec.trains(layer, module):
                     out_f, in_f = shape.module_shapes[module]
                     weight = base_weights(layer, module) if spec.use_dora else None
-                    self.parts[f"{layer}:{module}"] = TrainableModule(spec, out_f, in_f, weight, generator)
+                    self.parts[f"{layer}:{module}"] = TrainableModule(spec, out_f, in_f, weight, generator, shared)
+        if not self.parts:
+            raise ValueError("the adapter spec selects no module of the base model")
 
     def module(self, layer: int, module: str) -> TrainableModule | None:
         return self.parts[f"{layer}:{module}"] if f"{layer}:{module}" in self.parts else None
@@ -177,8 +220,10 @@ class TrainableAdapter(nn.Module):
 
     def peft_config(self, base_model: str) -> dict:
         s = self.spec
+        targets = [module_path(*_split(key)) for key in self.parts] if s.target_parts is not None \
+            else sorted(s.target_modules)  # PEFT matches full module paths as suffixes of its names
         config = {"peft_type": s.peft_type, "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
-                  "target_modules": sorted(s.target_modules), "inference_mode": True}
+                  "target_modules": targets, "inference_mode": True}
         if s.peft_type == "LORA":
             config.update(r=s.r, lora_alpha=s.lora_alpha, lora_dropout=0.0, bias="none", use_dora=s.use_dora,
                           use_rslora=s.use_rslora)
@@ -193,31 +238,30 @@ class TrainableAdapter(nn.Module):
 
     def thresholds(self) -> dict[str, float]:
         """Module path (as in PEFT's tensor names, without base_model.model.) -> tau."""
-        return {_peft_prefix(*_split(key)).removeprefix("base_model.model."): part.gate.tau or 0.0
+        return {module_path(*_split(key)): part.gate.tau or 0.0
                 for key, part in self.parts.items() if part.gate is not None}
 
     def set_thresholds(self, thresholds: dict[str, float]) -> None:
         for key, part in self.parts.items():
-            path = _peft_prefix(*_split(key)).removeprefix("base_model.model.")
+            path = module_path(*_split(key))
             if part.gate is not None and path in thresholds:
                 part.gate.tau = thresholds[path]
 
-    def gate_step(self) -> dict[str, float]:
-        """Advance every threshold after an optimizer step; the skipped share per module name and overall."""
-        by_module: dict[str, list[int]] = {}
+    def gate_step(self) -> dict[str, tuple[int, int]]:
+        """After an optimizer step: (token updates gated, kept) per "layer:module" since the last step;
+        every threshold moves (a shared one once)."""
+        counts = {}
         for key, part in self.parts.items():
-            if part.gate is None:
-                continue
-            seen, kept = part.gate.seen, part.gate.kept
-            part.gate.step()
-            totals = by_module.setdefault(_split(key)[1], [0, 0])
-            totals[0] += seen
-            totals[1] += kept
-        shares = {m: 1 - kept / seen for m, (seen, kept) in by_module.items() if seen}
-        seen_all = sum(t[0] for t in by_module.values())
-        if seen_all:
-            shares["overall"] = 1 - sum(t[1] for t in by_module.values()) / seen_all
-        return shares
+            if part.gate is not None and part.seen:
+                counts[key] = (part.seen, part.kept)
+                part.seen = part.kept = 0
+        for gate in {id(p.gate): p.gate for p in self.parts.values() if p.gate is not None}.values():
+            gate.step()
+        return counts
+
+    def parameter_counts(self) -> dict[str, int]:
+        """"layer:module" -> its trainable parameters."""
+        return {key: sum(p.numel() for p in part.parameters()) for key, part in self.parts.items()}
 
     def peft_files(self, base_model: str) -> tuple[bytes, bytes]:
         """(adapter_config.json, adapter_model.safetensors) of the current weights."""

@@ -7,7 +7,12 @@ drift during training (they grow quickly early on). tau therefore tracks the q-q
 each optimizer step it moves, in log space (scale-free), half way to the q-quantile of the ratios
 seen during that step (an exponentially weighted quantile estimator; a pinball-loss SGD step, the
 other standard tracker, lagged the growing norms by several steps in our runs). tau starts at the
-q-quantile of the first chunk whose updates are non-zero.
+q-quantile of the first chunk whose updates are non-zero, and jumps to the step's quantile at the end
+of that first step (later steps move half way).
+A gate may be shared by every module of an adapter (the `target_modules: "auto"` probe): r is
+scale-free, so one tau tracking the pooled q-quantile holds the adapter as a whole at q skipped while
+each module keeps the share of its tokens whose relative update clears the common bar. That share,
+the module's learned token density, ranks the modules (module_selection.py).
 The adapter's parameters see gradients only from kept tokens: S_i multiplies M(x_i), so skipped
 tokens contribute nothing, and for LoRA their rows never enter the backward matmuls (the update is
 expanded and back-propagated for the kept rows only; r comes from the r x r Gram matrix of B).
@@ -24,7 +29,7 @@ from coserve.kernels.adapter_ops import GATE_EPS as EPS
 from coserve.kernels.adapter_ops import update_ratio
 
 TAU_STEP = 0.5  # share of the way log tau moves toward the log of the step's observed quantile
-SAMPLE_LIMIT = 8192  # update ratios kept per module and step for the quantile
+CALL_SAMPLE = 512  # update ratios kept per call (evenly strided) for the step's quantile
 
 
 def gate_ref(base: torch.Tensor, update: torch.Tensor, tau: float) -> torch.Tensor:
@@ -52,15 +57,13 @@ def lora_gated(x: torch.Tensor, y: torch.Tensor, lora_a: torch.Tensor, lora_b: t
 
 
 class TokenGate:
-    """One module's threshold, and the update ratios it saw since the last optimizer step."""
+    """A threshold, and a sample of the update ratios it gated since the last optimizer step."""
 
     def __init__(self, target_sparsity: float, tau: float | None = None):
         self.target = target_sparsity
         self.tau = tau  # None until the updates are non-zero
-        self.kept = 0
-        self.seen = 0
-        self._ratios: list[torch.Tensor] = []  # this step's r (a bounded sample)
-        self._sampled = 0
+        self._ratios: list[torch.Tensor] = []  # this step's r (a bounded sample per call)
+        self._provisional = False  # tau comes from one chunk only (the first step with non-zero updates)
 
     def threshold(self, ratios: torch.Tensor) -> float:
         """tau for this chunk; until the updates are non-zero (LoRA starts with B = 0) it is re-estimated
@@ -68,25 +71,22 @@ class TokenGate:
         if self.tau is None and ratios.numel():
             start = float(torch.quantile(ratios.float(), self.target))
             if start > 0:
-                self.tau = start
+                self.tau, self._provisional = start, True
             return start
         return self.tau or 0.0
 
-    def count(self, kept: torch.Tensor, ratios: torch.Tensor) -> None:
-        self.kept += int(kept.sum())
-        self.seen += kept.numel()
-        if self._sampled < SAMPLE_LIMIT:
-            self._ratios.append(ratios.detach().float()[: SAMPLE_LIMIT - self._sampled])
-            self._sampled += self._ratios[-1].numel()
+    def observe(self, ratios: torch.Tensor) -> None:
+        ratios = ratios.detach().float()
+        stride = max(1, math.ceil(ratios.numel() / CALL_SAMPLE))
+        self._ratios.append(ratios[::stride])
 
-    def step(self) -> float | None:
-        """After an optimizer step: move tau toward this step's q-quantile; returns the skipped share."""
-        if not self.seen:
-            return None
-        skipped = 1 - self.kept / self.seen
-        quantile = float(torch.quantile(torch.cat(self._ratios), self.target)) if self._ratios else 0.0
-        if self.tau is not None and quantile > 0:
-            self.tau = math.exp((1 - TAU_STEP) * math.log(self.tau) + TAU_STEP * math.log(quantile))
-        self.kept = self.seen = self._sampled = 0
+    def step(self) -> None:
+        """After an optimizer step: move tau toward the q-quantile of the ratios seen during the step."""
+        if not self._ratios:
+            return
+        quantile = float(torch.quantile(torch.cat(self._ratios), self.target))
+        if quantile > 0:
+            self.tau = quantile if self.tau is None or self._provisional else \
+                math.exp((1 - TAU_STEP) * math.log(self.tau) + TAU_STEP * math.log(quantile))
+            self._provisional = False
         self._ratios = []
-        return skipped

@@ -14,7 +14,7 @@ import torch
 from coserve.adapters.types import BaseModelShape
 from coserve.engine.training import checkpoint
 from coserve.engine.training.coforward import IGNORE, PassState, TrainRows, backward_layers
-from coserve.engine.training.params import AdapterSpec, TrainableAdapter
+from coserve.engine.training.params import AdapterSpec, TrainableAdapter, skipped_shares
 
 
 @dataclass
@@ -52,6 +52,7 @@ class TrainingJobSpec:
     microbatch_tokens: int = 1024  # tokens forwarded before a backward pass (activation memory bound)
     init_tensors: dict[str, torch.Tensor] | None = None  # continue training this adapter (PEFT names)
     resume: bytes | None = None  # a checkpoint blob to continue from
+    max_steps: int | None = None  # stop after this many optimizer steps (the module-selection probe)
 
 
 @dataclass
@@ -91,6 +92,8 @@ class TrainingJob:
         self.optimizer = torch.optim.AdamW(self.params, lr=spec.learning_rate, weight_decay=spec.weight_decay)
         self.steps_per_epoch = math.ceil(len(spec.train) / spec.batch_size)
         self.total_steps = spec.n_epochs * self.steps_per_epoch
+        if spec.max_steps is not None:
+            self.total_steps = min(self.total_steps, spec.max_steps)
         warmup = round(self.total_steps * spec.warmup_ratio)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(warmup, self.total_steps))
         self.rng = torch.Generator().manual_seed(spec.seed)
@@ -113,6 +116,7 @@ class TrainingJob:
         self._eval_tokens = 0
         self._since = time.monotonic()
         self._tokens_since = 0
+        self._late_gating: dict[str, list[int]] = {}  # TS-PEFT: (gated, kept) per part over the second half
 
     # ---- what the next step does ----
     def next_kind(self) -> str | None:
@@ -228,8 +232,14 @@ class TrainingJob:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        skipped = self.adapter.gate_step()  # TS-PEFT: skipped shares since the last step; thresholds move
+        counts = self.adapter.gate_step()  # TS-PEFT: per part (gated, kept) since the last step; thresholds move
+        skipped = skipped_shares(counts)
         progress.step += 1
+        if progress.step > self.total_steps // 2:
+            for key, (seen, kept) in counts.items():
+                totals = self._late_gating.setdefault(key, [0, 0])
+                totals[0] += seen
+                totals[1] += kept
         progress.last_loss = loss
         progress.cursor += self.batch_size_now
         if progress.cursor >= len(spec.train):
@@ -258,7 +268,9 @@ class TrainingJob:
         if self.phase != "done":
             return
         data = {"trained_tokens": self.progress.trained_tokens, "train_loss": self.progress.last_loss,
-                "valid_loss": self.valid_loss, "step": self.progress.step}
+                "valid_loss": self.valid_loss, "step": self.progress.step,
+                # TS-PEFT: share of token updates applied per "layer:module" over the second half of training
+                "token_density": {key: kept / seen for key, (seen, kept) in self._late_gating.items() if seen}}
         self.sink(TrainingEvent(self.spec.job_id, "succeeded", data,
                                 files=self.adapter.peft_files(self.spec.base_model)))
 

@@ -17,8 +17,9 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
 
 from coserve.engine.training.dataset import DatasetError, parse_jsonl
+from coserve.engine.training.params import parameter_count
 from coserve.server.finetune.records import TERMINAL, FineTuneStore, new_id
-from coserve.server.finetune.worker import fine_tuned_name
+from coserve.server.finetune.worker import adapter_spec, fine_tuned_name
 from coserve.server.schemas import FineTuningJobRequest
 from coserve.server.state import ApiError, ServerState, authorize, server_state
 
@@ -111,6 +112,17 @@ async def _continued_adapter(st: ServerState, tenant: str, name: str) -> dict:
 
 def _check_adapter_block(st: ServerState, adapter: dict) -> None:
     runtime = st.engine.engine.adapters
+    if adapter["target_modules"] == "auto":
+        if adapter["parameter_budget"] is None:
+            raise ApiError(400, "adapter.parameter_budget is required with target_modules 'auto' (the trainable "
+                           "parameters the selected modules may use)", param="adapter.parameter_budget")
+        smallest = min(parameter_count(adapter_spec(adapter), *shape) for shape in runtime.shape.module_shapes.values())
+        if adapter["parameter_budget"] < smallest:
+            raise ApiError(400, f"adapter.parameter_budget {adapter['parameter_budget']} is below the smallest "
+                           f"module's {smallest} parameters", param="adapter.parameter_budget")
+    elif adapter["parameter_budget"] is not None:
+        raise ApiError(400, "adapter.parameter_budget applies only with target_modules 'auto'",
+                       param="adapter.parameter_budget")
     if adapter["peft_type"] == "LORA" and adapter["r"] > runtime.max_rank:
         raise ApiError(400, f"adapter.r {adapter['r']} is above the server's max_lora_rank {runtime.max_rank}",
                        param="adapter.r")
@@ -132,6 +144,9 @@ async def create_job(request: Request, body: FineTuningJobRequest):
     adapter = body.adapter.model_dump()
     continue_from = None
     if body.model != base:
+        if adapter["target_modules"] == "auto":
+            raise ApiError(400, "target_modules 'auto' selects the modules of a new adapter; a continued adapter "
+                           "keeps its own", param="adapter.target_modules")
         continued = await _continued_adapter(st, tenant, body.model)
         adapter.update(continued)
         continue_from = body.model

@@ -17,7 +17,8 @@ import socket
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 from coserve.adapters.archive import PeftFiles
 from coserve.adapters.ingest import peft_files, prepare
@@ -26,6 +27,7 @@ from coserve.adapters.types import AdapterError, BaseModelShape
 from coserve.engine.async_engine import AsyncEngine
 from coserve.engine.tokenizer import ModelTokenizer
 from coserve.engine.training.dataset import DatasetError, parse_jsonl, tokenize
+from coserve.engine.training.module_selection import ModuleSelection, module_costs, probe_adapter, select_modules
 from coserve.engine.training.params import AdapterSpec
 from coserve.engine.training.trainer import TrainingEvent, TrainingJobSpec
 from coserve.server.finetune.records import TERMINAL, Claimed, FineTuneStore, new_id
@@ -59,6 +61,17 @@ class JobFailed(Exception):
     def __init__(self, code: str, message: str, param: str | None = None):
         super().__init__(message)
         self.code, self.message, self.param = code, message, param
+
+
+def adapter_spec(block: dict) -> AdapterSpec:
+    """The API's validated `adapter` block -> what the engine trains ("all-linear" and "auto": every module;
+    "auto" narrows it to the probe's selection later)."""
+    targets = block["target_modules"]
+    return AdapterSpec(
+        peft_type=block["peft_type"], r=block["r"], lora_alpha=block["lora_alpha"], use_dora=block["use_dora"],
+        use_rslora=block["use_rslora"], variant=block["variant"], group_size=block["group_size"],
+        target_modules=tuple(targets) if isinstance(targets, list) else AdapterSpec().target_modules,
+        target_sparsity=(block.get("token_selection") or {}).get("target_sparsity"))
 
 
 def fine_tuned_name(base: str, suffix: str | None, job_id: str) -> str:
@@ -149,13 +162,25 @@ class JobWorker:
         started = "resumed from its last checkpoint" if resume else "started"
         self.records.add_event(job_id, "info", f"Fine-tuning job {started} on {self.consumer} "
                                f"(delivery {claimed.deliveries})")
+        if request["adapter"]["target_modules"] == "auto":
+            selection = self._module_selection(claimed, spec, request["adapter"])
+            if selection is None:  # the probe failed, or the job was cancelled or this replica stopped
+                return
+            spec = replace(spec, adapter=replace(spec.adapter, target_parts=selection.parts()))
+        self._run_in_engine(claimed, spec, lambda event: self._on_event(claimed, tenant, name, event))
+
+    def _run_in_engine(self, claimed: Claimed, spec: TrainingJobSpec,
+                       on_event: Callable[[TrainingEvent], bool]) -> bool:
+        """Train `spec` in this replica's engine, heartbeating the queue entry, until on_event says the
+        job ended (True); False when the job was cancelled or this replica is stopping."""
+        job_id = claimed.job_id
         events: queue.Queue[TrainingEvent] = queue.Queue()
         self.engine.submit_training(spec, events.put)
         last_beat = last_check = time.monotonic()
         while True:
             if self._stop.is_set():  # shutting down: stop training, leave the entry for another replica
                 self.engine.cancel_training(job_id)
-                return
+                return False
             try:
                 event = events.get(timeout=self.config.poll_s)
             except queue.Empty:
@@ -170,9 +195,51 @@ class JobWorker:
                     self.engine.cancel_training(job_id)
                     self.records.ack(claimed.entry_id)
                     self.records.drop_state(job_id)
-                    return
-            if event is not None and self._on_event(claimed, tenant, name, event):
-                return
+                    return False
+            if event is not None and on_event(event):
+                return True
+
+    def _module_selection(self, claimed: Claimed, spec: TrainingJobSpec, block: dict) -> ModuleSelection | None:
+        """`target_modules: "auto"`: the job's recorded selection, or a probe run that makes one."""
+        job_id = claimed.job_id
+        recorded = (self.records.job(None, job_id) or {}).get("module_selection")
+        if recorded:  # resumed after the probe: train the same modules
+            return ModuleSelection.from_json(recorded)
+        steps = block["probe_steps"]
+        probe = replace(spec, adapter=probe_adapter(spec.adapter), validation=[], max_steps=steps,
+                        checkpoint_every=steps + 1, init_tensors=None, resume=None)
+        density: dict[str, float] = {}
+
+        def on_event(event: TrainingEvent) -> bool:
+            if event.kind == "metrics":
+                return self._on_event(claimed, "", "", replace(event, data=event.data | {"phase": "probe"}))
+            if event.kind == "succeeded":
+                density.update(event.data["token_density"])
+                return True
+            return self._on_event(claimed, "", "", event)  # failed | cancelled: the job ends
+
+        self.records.add_event(job_id, "info", f"Probing every linear module for {steps} steps to rank them "
+                               "by token density (target_modules: auto)")
+        if not self._run_in_engine(claimed, probe, on_event) or not density:
+            return None
+        selection = select_modules(density, module_costs(spec.adapter, self.model.shape),
+                                   block["parameter_budget"], steps)
+        chosen = [m for m in selection.ranking if m.selected]
+
+        def record(job: dict) -> dict | None:
+            if job["status"] in TERMINAL:
+                return None
+            job["module_selection"] = selection.to_json()
+            return job
+
+        def extra(pipe, job: dict) -> None:
+            densest = ", ".join(f"{m.module} {m.token_density:.2f}" for m in chosen[:3])
+            self.records.add_event(job_id, "info", f"Selected {len(chosen)} of {len(selection.ranking)} modules "
+                                   f"({selection.selected_parameters} of {selection.parameter_budget} parameters) by "
+                                   f"token density; densest: {densest}", "message", selection.to_json(), pipe=pipe)
+
+        self.records.update_job(job_id, record, extra)
+        return selection
 
     def _cancelled(self, job_id: str) -> bool:
         job = self.records.job(None, job_id)
@@ -184,6 +251,7 @@ class JobWorker:
         if event.kind == "metrics":
             parts = [f"{k}={v:.4f}" for k, v in data.items() if k in ("train_loss", "valid_loss") and v is not None]
             step = f"Step {data['step']}/{data['total_steps']}" if "total_steps" in data else f"Step {data['step']}"
+            step = f"Probe {step.lower()}" if data.get("phase") == "probe" else step
             self.records.add_event(job_id, "info", f"{step}: {', '.join(parts)}", "metrics", data)
         elif event.kind == "checkpoint":
             checkpoint = {"object": "fine_tuning.job.checkpoint", "id": new_id("ftckpt"),
@@ -252,12 +320,7 @@ class JobWorker:
         validation = self._samples(tenant, request["validation_file"], "validation_file") \
             if request.get("validation_file") else []
         a = request["adapter"]
-        targets = a["target_modules"]
-        adapter = AdapterSpec(
-            peft_type=a["peft_type"], r=a["r"], lora_alpha=a["lora_alpha"], use_dora=a["use_dora"],
-            use_rslora=a["use_rslora"], variant=a["variant"], group_size=a["group_size"],
-            target_modules=tuple(targets) if isinstance(targets, list) else AdapterSpec().target_modules,
-            target_sparsity=(a.get("token_selection") or {}).get("target_sparsity"))
+        adapter = adapter_spec(a)
         hp = request["hyperparameters"]
         init = None
         if request.get("continue_from"):
