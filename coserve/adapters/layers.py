@@ -64,7 +64,11 @@ class AdapterLinear(nn.Module):
         self.lora_a: torch.Tensor | None = None  # [S, parts * R, in]
         self.lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # part -> B^T [S, R, out], scale [S]
         self.dora: dict[str, torch.Tensor] = {}  # gain [S, out]
-        self.road: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # c1, c2 [S,out], partner
+        # RoAd over the whole packed output (identity on columns a slot does not rotate): c1, c2 [S, out_total]
+        # float32, partner [S, out_total] int64, and each slot's group size g when its pairing is j +- g/2 in
+        # groups aligned to every part (-1: mixed or unaligned, rotate by gather; None: nothing loaded).
+        self.road: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.road_group: list[int | None] = [None] * num_slots
         self.shira: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # rows, cols, vals [S, K]
         self.shira_csr: dict[str, list[torch.Tensor | None]] = {}  # per slot [out, in] CSR (CPU fast path)
         self.gates: dict[str, torch.Tensor] = {}  # TS-PEFT: part -> tau [S] float32 (0: every token updated)
@@ -78,9 +82,11 @@ class AdapterLinear(nn.Module):
             b[slot].zero_()
         for gain in self.dora.values():
             gain[slot] = 1.0
-        for c1, c2, partner in self.road.values():
+        if self.road is not None:
+            c1, c2, partner = self.road
             c1[slot], c2[slot] = 1.0, 0.0
             partner[slot] = torch.arange(partner.shape[1])
+            self.road_group[slot] = None
         for _, _, vals in self.shira.values():
             vals[slot] = 0.0
         for per_slot in self.shira_csr.values():
@@ -110,10 +116,15 @@ class AdapterLinear(nn.Module):
             weight = base_weight(self.base)[self.offsets[part] : self.offsets[part] + n]  # served base rows
             self.dora[part][slot] = dora_gain(delta, weight)
         if delta.road_c1 is not None:
-            if part not in self.road:
-                self.road[part] = (torch.ones(s, n), torch.zeros(s, n), torch.arange(n).repeat(s, 1))
-            c1, c2, partner = self.road[part]
-            c1[slot], c2[slot], partner[slot] = delta.road_c1, delta.road_c2, delta.road_partner
+            total, lo = sum(self.sizes.values()), self.offsets[part]
+            if self.road is None:
+                self.road = (torch.ones(s, total), torch.zeros(s, total), torch.arange(total).repeat(s, 1))
+            c1, c2, partner = self.road
+            c1[slot, lo : lo + n], c2[slot, lo : lo + n] = delta.road_c1, delta.road_c2
+            partner[slot, lo : lo + n] = delta.road_partner + lo
+            g = 2 * int(delta.road_partner[0])
+            aligned = all(size % g == 0 for size in self.sizes.values())
+            self.road_group[slot] = g if aligned and self.road_group[slot] in (None, g) else -1
         if delta.shira_vals is not None:
             k = delta.shira_vals.numel()
             rows, cols, vals = self.shira.get(part, (torch.zeros(s, 0, dtype=torch.long),) * 2 + (torch.zeros(s, 0),))
@@ -135,14 +146,17 @@ class AdapterLinear(nn.Module):
         if not segs:
             return y
         bias = getattr(self.base, "bias", None)
-        lora_seg, dora_seg = segs.get("lora"), segs.get("dora")
+        lora_seg, dora_seg, road_seg = segs.get("lora"), segs.get("dora"), segs.get("road")
+        base_all = y.clone() if self.gates else None  # TS-PEFT gates compare against the base output
+        if self.road is not None and road_seg is not None:  # one rotation over every part's columns
+            groups = {self.road_group[slot] for slot in road_seg.slots} - {None}
+            g = groups.pop() if len(groups) == 1 and -1 not in groups else 0
+            y = road_rotate(y, *self.road, road_seg, g)
         h_all = lora_shrink(x, self.lora_a, lora_seg) if self.lora and lora_seg is not None else None  # [T, P*R]
         for i, part in enumerate(self.parts):
             lo, n = self.offsets[part], self.sizes[part]
             ys = y[:, lo : lo + n]
             gate = self.gates.get(part)
-            if gate is not None:  # TS-PEFT: keep the base output to gate each token's update against
-                base_out = ys.clone()
             if part in self.lora and h_all is not None:
                 b, scale = self.lora[part]
                 h = h_all[:, i * self.max_rank : (i + 1) * self.max_rank]  # [T, R] this part's A x
@@ -155,13 +169,10 @@ class AdapterLinear(nn.Module):
             if part in self.shira and segs.get("shira") is not None:
                 rows, cols, vals = self.shira[part]
                 ys.add_(sparse_delta(x, rows, cols, vals, n, segs["shira"], self.shira_csr.get(part)))
-            if part in self.road and segs.get("road") is not None:
-                c1, c2, partner = self.road[part]
-                ys.copy_(road_rotate(ys, c1, c2, partner, segs["road"]))
             if gate is not None:
                 slots = self.ctx.token_slots  # [T]
                 tau = torch.where(slots >= 0, gate[slots.clamp_min(0)], 0.0)  # [T]
-                ys.copy_(gate_updates(base_out, ys, tau))
+                ys.copy_(gate_updates(base_all[:, lo : lo + n], ys, tau))
         return y
 
 

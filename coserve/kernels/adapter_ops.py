@@ -192,29 +192,40 @@ def road_rotate_ref(
 
 
 def road_rotate(
-    y: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, partner: torch.Tensor, seg: Segments
+    y: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, partner: torch.Tensor, seg: Segments,
+    group_size: int = 0,
 ) -> torch.Tensor:
+    """road_rotate_ref; `group_size` g > 0 promises that every active slot's partner is j +- g/2 within
+    aligned groups of g, so the CPU path swaps the halves of each group (a flip) instead of gathering."""
     if y.is_cuda:
         return _triton().road_rotate(y, c1, c2, partner, seg.token_slots)
     if not seg.slots:
         return y
     if seg.use_grouped:  # each slot's tables read once and broadcast over its tokens
         rows = seg.sorted_rows
-        yp = seg.pad(y.index_select(0, rows).float())  # [S', G, out]
+        yp = seg.pad(y.index_select(0, rows))  # [S', G, out]
         c1s, c2s = c1.index_select(0, seg.group_slots)[:, None], c2.index_select(0, seg.group_slots)[:, None]
-        ps = partner.index_select(0, seg.group_slots)[:, None].expand_as(yp)
-        rotated = seg.unpad(yp * c1s + torch.gather(yp, 2, ps) * c2s).to(y.dtype)
+        paired = _swap_halves(yp, group_size) if group_size else \
+            torch.gather(yp, 2, partner.index_select(0, seg.group_slots)[:, None].expand_as(yp))
+        rotated = seg.unpad((yp * c1s).addcmul_(paired, c2s)).to(y.dtype)
         if rows.numel() == y.shape[0]:
             return torch.empty_like(y).index_copy_(0, rows, rotated)
         return y.clone().index_copy_(0, rows, rotated)
     rows, slots = seg.active_rows, seg.active_slots
     every_row = rows.numel() == y.shape[0]
-    ya = y.float() if every_row else y.index_select(0, rows).float()  # [T', out]
-    c1s, c2s, ps = c1.index_select(0, slots), c2.index_select(0, slots), partner.index_select(0, slots)
-    rotated = (ya * c1s + torch.gather(ya, 1, ps) * c2s).to(y.dtype)
+    ya = y if every_row else y.index_select(0, rows)  # [T', out]
+    c1s, c2s = c1.index_select(0, slots), c2.index_select(0, slots)  # [T', out] float32
+    paired = _swap_halves(ya, group_size) if group_size else torch.gather(ya, 1, partner.index_select(0, slots))
+    rotated = (ya * c1s).addcmul_(paired, c2s).to(y.dtype)  # float32 arithmetic, one rounding
     if every_row:
         return rotated
     return y.clone().index_copy_(0, rows, rotated)
+
+
+def _swap_halves(y: torch.Tensor, g: int) -> torch.Tensor:
+    """[..., out] -> the same with the two halves of every aligned group of g columns swapped."""
+    lead = y.shape[:-1]
+    return y.reshape(*lead, -1, 2, g // 2).flip(-2).reshape(*lead, y.shape[-1])
 
 
 # ---------------------------------------------------------------- SHiRA sparse delta

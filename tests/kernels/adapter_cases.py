@@ -43,6 +43,7 @@ def make_case(rank, popularity: str, t: int, dtype: torch.dtype, seed: int = 0) 
         "gain": torch.rand(SLOTS, OUT, generator=gen) + 0.5,
         "c1": torch.randn(SLOTS, OUT, generator=gen), "c2": torch.randn(SLOTS, OUT, generator=gen),
         "partner": partner,
+        "group_size": g,
         "rows": torch.randint(0, OUT, (SLOTS, NNZ), generator=gen),
         "cols": torch.randint(0, IN, (SLOTS, NNZ), generator=gen),
         "vals": torch.randn(SLOTS, NNZ, generator=gen),

@@ -27,8 +27,9 @@ def test_cpu_fast_paths_match_references(rank, popularity, t, dtype):
     assert close(ops.lora_expand(h_ref, c["b"], c["scale"], seg, dtype),
                  ops.lora_expand_ref(h_ref, c["b"], c["scale"], c["slots"], dtype), dtype)
     assert close(ops.dora_scale(c["y"], c["gain"], seg), ops.dora_scale_ref(c["y"], c["gain"], c["slots"]), dtype)
-    assert close(ops.road_rotate(c["y"], c["c1"], c["c2"], c["partner"], seg),
-                 ops.road_rotate_ref(c["y"], c["c1"], c["c2"], c["partner"], c["slots"]), dtype)
+    road_ref = ops.road_rotate_ref(c["y"], c["c1"], c["c2"], c["partner"], c["slots"])
+    assert close(ops.road_rotate(c["y"], c["c1"], c["c2"], c["partner"], seg), road_ref, dtype)
+    assert close(ops.road_rotate(c["y"], c["c1"], c["c2"], c["partner"], seg, c["group_size"]), road_ref, dtype)
     sparse_ref = ops.sparse_delta_ref(c["x"], c["rows"], c["cols"], c["vals"], 40, c["slots"])
     assert close(ops.sparse_delta(c["x"], c["rows"], c["cols"], c["vals"], 40, seg), sparse_ref, dtype)
     csr = [ops.sparse_csr(c["rows"][s], c["cols"][s], c["vals"][s], (40, 48)) for s in range(c["rows"].shape[0])]
