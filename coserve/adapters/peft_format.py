@@ -18,7 +18,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 
 from coserve.adapters import lora, road, shira
-from coserve.adapters.types import TARGET_MODULES, AdapterError, BaseModelShape, LoadedAdapter, ModuleDelta
+from coserve.adapters.types import (
+    TARGET_MODULES,
+    AdapterError,
+    BaseModelShape,
+    LoadedAdapter,
+    ModuleDelta,
+    module_path,
+)
 
 MAX_CONFIG_BYTES = 64 * 1024
 MAX_SAFETENSORS_HEADER = 16 * 2**20
@@ -112,8 +119,7 @@ def build_adapter(
             raise AdapterError(f"tensors for layers {stray} outside layers_to_transform", "layers_to_transform")
     adapter = LoadedAdapter(name, method.method_name(config), config)
     for (layer, module), parts in sorted(grouped.items()):
-        section = "self_attn" if module in TARGET_MODULES[:4] else "mlp"
-        prefix = f"base_model.model.model.layers.{layer}.{section}.{module}"
+        prefix = f"base_model.model.{module_path(layer, module)}"
         out_f, in_f = base.module_shapes[module]
         delta: ModuleDelta = method.parse_module(config, parts, prefix, module, out_f, in_f, max_rank)
         adapter.modules[layer, module] = delta
@@ -130,8 +136,7 @@ def _apply_thresholds(adapter: LoadedAdapter, selection: Any) -> None:
     thresholds = selection["thresholds"]
     paths = {}
     for (layer, module), delta in adapter.modules.items():
-        section = "self_attn" if module in TARGET_MODULES[:4] else "mlp"
-        paths[f"model.layers.{layer}.{section}.{module}"] = delta
+        paths[module_path(layer, module)] = delta
     for path, tau in thresholds.items():
         if path not in paths:
             raise AdapterError(f"{field}.thresholds names {path}, which the adapter does not adapt", field)

@@ -11,6 +11,12 @@ import torch
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+def module_path(layer: int, module: str) -> str:
+    """A projection's path in the HF model ("model.layers.3.mlp.down_proj"); PEFT prefixes it with base_model.model."""
+    group = "mlp" if module in ("gate_proj", "up_proj", "down_proj") else "self_attn"
+    return f"model.layers.{layer}.{group}.{module}"
+
+
 class AdapterError(ValueError):
     """An adapter that cannot be served; `field` names the config key or tensor at fault."""
 

@@ -12,10 +12,11 @@ import torch
 from safetensors.torch import load
 
 from coserve.adapters.peft_format import build_adapter, parse_config, parse_tensors
+from coserve.adapters.types import module_path
 from coserve.engine.engine import EngineConfig, LLMEngine
 from coserve.engine.training.coforward import IGNORE, PassState, TrainRows, coserved_forward
 from coserve.engine.training.module_selection import module_costs, probe_adapter, select_modules
-from coserve.engine.training.params import AdapterSpec, TrainableAdapter, module_path
+from coserve.engine.training.params import AdapterSpec, TrainableAdapter
 from coserve.engine.training.token_gate import TokenGate, gate_ref, lora_gated
 from coserve.kernels.adapter_ops import gate_updates, update_ratio
 from coserve.scheduler.request import SamplingParams

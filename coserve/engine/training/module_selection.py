@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 
-from coserve.adapters.types import TARGET_MODULES, BaseModelShape
-from coserve.engine.training.params import AdapterSpec, module_path, parameter_count
+from coserve.adapters.types import TARGET_MODULES, BaseModelShape, module_path
+from coserve.engine.training.params import AdapterSpec, parameter_count
 
 PROBE_SPARSITY = 0.5  # target sparsity of the probe when the job itself trains densely
 

@@ -17,7 +17,7 @@ from safetensors.torch import save
 from torch import nn
 
 from coserve.adapters import road
-from coserve.adapters.types import TARGET_MODULES, BaseModelShape
+from coserve.adapters.types import TARGET_MODULES, BaseModelShape, module_path
 from coserve.engine.training.token_gate import TokenGate, lora_gated, update_ratio
 
 PEFT_TYPES = ("LORA", "ROAD", "SHIRA")
@@ -64,12 +64,6 @@ def parameter_count(spec: AdapterSpec, out_f: int, in_f: int) -> int:
 def _split(key: str) -> tuple[int, str]:
     layer, module = key.split(":")
     return int(layer), module
-
-
-def module_path(layer: int, module: str) -> str:
-    """The module's path in the HF model ("model.layers.3.mlp.down_proj"), as thresholds and rankings name it."""
-    group = "mlp" if module in ("gate_proj", "up_proj", "down_proj") else "self_attn"
-    return f"model.layers.{layer}.{group}.{module}"
 
 
 def _peft_prefix(layer: int, module: str) -> str:
