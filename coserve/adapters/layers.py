@@ -52,17 +52,20 @@ def base_weight(linear: nn.Module) -> torch.Tensor:
 
 class AdapterLinear(nn.Module):
     def __init__(self, base: nn.Module, parts: tuple[str, ...], part_sizes: list[int], num_slots: int,
-                 max_rank: int, ctx: AdapterContext):
+                 max_rank: int, ctx: AdapterContext, dtype: torch.dtype = torch.float32):
         super().__init__()
-        self.base = base  # slot buffers below are float32 (the CPU's float32 batched matmuls are fastest)
+        self.base = base
+        self.dtype = dtype  # LoRA buffers hold the model's compute dtype (the ops compute in float32)
         self.parts = parts
         self.offsets = dict(zip(parts, [sum(part_sizes[:i]) for i in range(len(parts))]))
         self.sizes = dict(zip(parts, part_sizes))
         self.in_features = base.in_features
         self.num_slots, self.max_rank, self.ctx = num_slots, max_rank, ctx
-        # LoRA: A of every part stacked along the rank axis, so one shrink serves all parts of the module.
+        # LoRA: A of every part stacked along the rank axis, so one shrink serves all parts of the module,
+        # and one scaled B^T per part (s * B^T, [S, R, n_part]), so one expand call adds every part's slice.
+        # Both appear for all parts when any part gets a LoRA (zero for parts an adapter leaves alone).
         self.lora_a: torch.Tensor | None = None  # [S, parts * R, in]
-        self.lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # part -> B^T [S, R, out], scale [S]
+        self.lora_bts: tuple[torch.Tensor, ...] = ()  # per part [S, R, n_part]
         self.dora: dict[str, torch.Tensor] = {}  # gain [S, out]
         # RoAd over the whole packed output (identity on columns a slot does not rotate): c1, c2 [S, out_total]
         # float32, partner [S, out_total] int64, and each slot's group size g when its pairing is j +- g/2 in
@@ -77,9 +80,8 @@ class AdapterLinear(nn.Module):
     def clear_slot(self, slot: int) -> None:
         if self.lora_a is not None:
             self.lora_a[slot].zero_()
-        for b, scale in self.lora.values():
-            scale[slot] = 0.0
-            b[slot].zero_()
+        for bt in self.lora_bts:
+            bt[slot].zero_()
         for gain in self.dora.values():
             gain[slot] = 1.0
         if self.road is not None:
@@ -100,16 +102,15 @@ class AdapterLinear(nn.Module):
             self.gates.setdefault(part, torch.zeros(s))[slot] = delta.gate_tau
         if delta.lora_a is not None:
             if self.lora_a is None:
-                self.lora_a = torch.zeros(s, len(self.parts) * self.max_rank, self.in_features)
-            if part not in self.lora:
-                self.lora[part] = (torch.zeros(s, self.max_rank, n), torch.zeros(s))
-            b, scale = self.lora[part]
+                self.lora_a = torch.zeros(s, len(self.parts) * self.max_rank, self.in_features, dtype=self.dtype)
+                self.lora_bts = tuple(torch.zeros(s, self.max_rank, self.sizes[p], dtype=self.dtype)
+                                      for p in self.parts)
+            bt = self.lora_bts[self.parts.index(part)]
             r, lo = delta.rank, self.parts.index(part) * self.max_rank
             self.lora_a[slot, lo : lo + self.max_rank] = 0.0
             self.lora_a[slot, lo : lo + r] = delta.lora_a
-            b[slot].zero_()
-            b[slot, :r] = delta.lora_b.T
-            scale[slot] = delta.lora_scale
+            bt[slot].zero_()
+            bt[slot, :r] = delta.lora_b.T * delta.lora_scale
         if delta.dora_magnitude is not None:
             if part not in self.dora:
                 self.dora[part] = torch.ones(s, n)
@@ -152,15 +153,12 @@ class AdapterLinear(nn.Module):
             groups = {self.road_group[slot] for slot in road_seg.slots} - {None}
             g = groups.pop() if len(groups) == 1 and -1 not in groups else 0
             y = road_rotate(y, *self.road, road_seg, g)
-        h_all = lora_shrink(x, self.lora_a, lora_seg) if self.lora and lora_seg is not None else None  # [T, P*R]
-        for i, part in enumerate(self.parts):
+        if self.lora_a is not None and lora_seg is not None:  # + s B A x, every part's slice at once
+            lora_expand(y, lora_shrink(x, self.lora_a, lora_seg), self.lora_bts, lora_seg)  # h [T, P*R]
+        for part in self.parts:
             lo, n = self.offsets[part], self.sizes[part]
             ys = y[:, lo : lo + n]
             gate = self.gates.get(part)
-            if part in self.lora and h_all is not None:
-                b, scale = self.lora[part]
-                h = h_all[:, i * self.max_rank : (i + 1) * self.max_rank]  # [T, R] this part's A x
-                ys.add_(lora_expand(h, b, scale, lora_seg, y.dtype))  # + s B A x
             if part in self.dora and dora_seg is not None:  # DoRA rows: g * (W0 x + s B A x) + bias
                 b_part = bias[lo : lo + n] if bias is not None else 0
                 scaled = dora_scale(ys - b_part, self.dora[part], dora_seg) + b_part
@@ -181,13 +179,15 @@ def attach_adapter_layers(
 ) -> tuple[AdapterContext, dict]:
     """Wrap every adapted projection; returns the shared context and {(layer, packed name): wrapper}."""
     ctx = AdapterContext()
+    dtype = model.model.embed_tokens.weight.dtype  # the compute dtype
     wrappers: dict[tuple[int, str], AdapterLinear] = {}
     sizes = {name: out_features for name, (out_features, _) in shape.module_shapes.items()}
     for i, layer in enumerate(model.model.layers):
         for packed, parts in PACKED_PARTS.items():
             owner_name, attr = packed.split(".")
             owner = getattr(layer, owner_name)
-            wrapper = AdapterLinear(getattr(owner, attr), parts, [sizes[p] for p in parts], num_slots, max_rank, ctx)
+            wrapper = AdapterLinear(getattr(owner, attr), parts, [sizes[p] for p in parts], num_slots, max_rank, ctx,
+                                    dtype)
             setattr(owner, attr, wrapper)
             wrappers[i, packed] = wrapper
     return ctx, wrappers

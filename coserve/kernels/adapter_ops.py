@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 PAD_WASTE_LIMIT = 4  # grouped bmm while padded rows <= this many times the real ones
+RANGE_WASTE_LIMIT = 2  # groups over the slot range lo..hi while it is <= this many times the slots present
 
 
 @dataclass
@@ -25,8 +26,11 @@ class Segments:
     """Tokens grouped by slot: built once per step, shared by every adapted module.
 
     The grouped layout pads each slot's tokens to the longest group, so one batched matmul over
-    [slots, G, features] reads each slot's weights once (BGMV/SGMV in one call); when padding
+    [groups, G, features] reads each slot's weights once (BGMV/SGMV in one call); when padding
     would waste too much (one hot adapter among many cold ones), ops loop over segments instead.
+    When the slots present lie in a narrow range lo..hi (slots are handed out from 0, so they
+    usually do), the groups are that whole range: a slot's weights are then a slice of the slot
+    buffer (a view, no gather copy), and slots absent from the step get empty groups.
     """
 
     token_slots: torch.Tensor  # [T] int64, -1 = no adapter
@@ -34,10 +38,11 @@ class Segments:
     rows: list[torch.Tensor]  # for each slot, its token rows [n_s] int64
     active_rows: torch.Tensor  # [T'] rows with any adapter, ascending
     active_slots: torch.Tensor  # [T'] their slots
-    group_slots: torch.Tensor  # [S'] the distinct slots as a tensor
+    group_slots: torch.Tensor  # [S'] the slot of each padded group (distinct slots, or the range lo..hi)
     sorted_rows: torch.Tensor  # [T'] active rows ordered by slot
     padded_index: torch.Tensor  # [T'] position of each sorted row in the [S' * G] padded layout
     group_len: int  # G, the longest group
+    slot_range: tuple[int, int] | None = None  # (lo, hi + 1) when group_slots is that range
 
     @classmethod
     def build(cls, token_slots: torch.Tensor) -> Segments:
@@ -45,32 +50,46 @@ class Segments:
         slots_of_active = token_slots[active]
         order = torch.argsort(slots_of_active, stable=True)
         sorted_rows, sorted_slots = active[order], slots_of_active[order]
-        group_slots, counts = torch.unique_consecutive(sorted_slots, return_counts=True)
+        present, counts = torch.unique_consecutive(sorted_slots, return_counts=True)
         group_len = int(counts.max()) if counts.numel() else 0
         starts = torch.cumsum(counts, 0) - counts
-        group_of = torch.repeat_interleave(torch.arange(group_slots.numel()), counts)
         position = torch.arange(sorted_rows.numel()) - torch.repeat_interleave(starts, counts)
-        unique = group_slots.tolist()
+        unique = present.tolist()
         rows = list(torch.split(sorted_rows, counts.tolist())) if unique else []
+        slot_range = None
+        if unique and unique[-1] - unique[0] + 1 <= RANGE_WASTE_LIMIT * len(unique):
+            slot_range = (unique[0], unique[-1] + 1)
+            group_slots = torch.arange(*slot_range)
+            group_of = sorted_slots - unique[0]
+        else:
+            group_slots = present
+            group_of = torch.repeat_interleave(torch.arange(present.numel()), counts)
         return cls(token_slots, unique, rows, active, slots_of_active, group_slots, sorted_rows,
-                   group_of * group_len + position, group_len)
+                   group_of * group_len + position, group_len, slot_range)
+
+    def group_weights(self, per_slot: torch.Tensor) -> torch.Tensor:
+        """[S, ...] slot buffer -> [S', ...] the rows of the padded groups (a view over a slot range)."""
+        if self.slot_range is not None:
+            return per_slot[self.slot_range[0] : self.slot_range[1]]
+        return per_slot.index_select(0, self.group_slots)
 
     @property
     def use_grouped(self) -> bool:
-        return bool(self.slots) and len(self.slots) * self.group_len <= PAD_WASTE_LIMIT * self.active_rows.numel()
+        return bool(self.slots) and self.group_slots.numel() * self.group_len <= PAD_WASTE_LIMIT * self.active_rows.numel()
 
     @property
     def no_padding(self) -> bool:
         """Every group is full (e.g. decodes spread evenly): the padded layout is the sorted rows as is."""
-        return len(self.slots) * self.group_len == self.sorted_rows.numel()
+        return self.group_slots.numel() * self.group_len == self.sorted_rows.numel()
 
     def pad(self, values: torch.Tensor) -> torch.Tensor:
         """Rows of `values` [T', F] in sorted-row order -> zero-padded groups [S', G, F]."""
+        groups = self.group_slots.numel()
         if self.no_padding:
-            return values.view(len(self.slots), self.group_len, values.shape[1])
-        padded = values.new_zeros(len(self.slots) * self.group_len, values.shape[1])
+            return values.view(groups, self.group_len, values.shape[1])
+        padded = values.new_zeros(groups * self.group_len, values.shape[1])
         padded[self.padded_index] = values
-        return padded.view(len(self.slots), self.group_len, values.shape[1])
+        return padded.view(groups, self.group_len, values.shape[1])
 
     def unpad(self, padded: torch.Tensor) -> torch.Tensor:
         """[S', G, F] -> [T', F] in sorted-row order."""
@@ -93,18 +112,22 @@ def lora_shrink_ref(x: torch.Tensor, lora_a: torch.Tensor, token_slots: torch.Te
 
 
 def lora_expand_ref(
-    h: torch.Tensor, lora_bt: torch.Tensor, scale: torch.Tensor, token_slots: torch.Tensor, out_dtype: torch.dtype
+    y: torch.Tensor, h: torch.Tensor, lora_bts: tuple[torch.Tensor, ...], token_slots: torch.Tensor
 ) -> torch.Tensor:
-    """Semantics: delta[t] = scale[slot_t] * B[slot_t] @ h[t] for tokens with a slot, 0 otherwise.
+    """Semantics: y + delta, where for every slice p (y's columns split in order into widths n_p)
+    delta[t, slice p] = h[t, p*R:(p+1)*R] @ Bt_p[slot_t] for tokens with a slot, 0 otherwise.
 
-    h [T, R] float32, lora_bt [S, R, out] (B transposed, rank-padded), scale [S] float32
-    -> delta [T, out] in out_dtype.
+    A packed projection (q/k/v, gate/up) has one slice per part, as vLLM's expand takes a B per
+    output slice. The LoRA scale is folded into Bt (Bt_p = s * B_p^T, rank-padded with zeros).
+    y [T, sum n_p], h [T, P*R] float32, lora_bts P tensors [S, R, n_p] -> [T, sum n_p] in y's dtype;
+    delta is computed in float32 and rounded to y's dtype before it is added.
     """
-    out = torch.zeros(h.shape[0], lora_bt.shape[2], dtype=torch.float32)
+    rank = lora_bts[0].shape[1]
+    delta = torch.zeros(y.shape[0], sum(bt.shape[2] for bt in lora_bts), dtype=torch.float32)
     for t, s in enumerate(token_slots.tolist()):
         if s >= 0:
-            out[t] = scale[s] * (h[t] @ lora_bt[s].float())
-    return out.to(out_dtype)
+            delta[t] = torch.cat([h[t, p * rank : (p + 1) * rank] @ bt[s].float() for p, bt in enumerate(lora_bts)])
+    return y + delta.to(y.dtype)
 
 
 def _triton():
@@ -113,39 +136,46 @@ def _triton():
     return triton_adapter_ops
 
 
+# The CPU fast paths compute in float32 whatever the slot buffers hold (CPU bfloat16 batched matmuls
+# with few rows are slower); a bfloat16 model keeps its buffers in bfloat16, which halves the bytes
+# read per step, the cost that dominates when many adapters share a step.
 def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, seg: Segments) -> torch.Tensor:
-    """Fast path of lora_shrink_ref (same semantics); float32 matmuls (CPU bfloat16 bmm is far slower)."""
+    """Fast path of lora_shrink_ref (same semantics)."""
     if x.is_cuda:
         return _triton().lora_shrink(x, lora_a, seg.token_slots)
-    out = torch.zeros(x.shape[0], lora_a.shape[1], dtype=torch.float32)
+    t, width = x.shape[0], lora_a.shape[1]
     if not seg.slots:
-        return out
+        return torch.zeros(t, width)
+    rows = seg.sorted_rows
+    out = torch.empty(t, width) if rows.numel() == t else torch.zeros(t, width)
     if seg.use_grouped:  # [S', G, in] @ [S', in, R]: each slot's A read once
-        a = lora_a.index_select(0, seg.group_slots).float()
-        h = torch.bmm(seg.pad(x.index_select(0, seg.sorted_rows).float()), a.transpose(1, 2))  # [S', G, R]
-        return out.index_copy_(0, seg.sorted_rows, seg.unpad(h))
-    for s, rows in zip(seg.slots, seg.rows):  # SGMV: one matmul per slot's token segment
-        out.index_copy_(0, rows, x.index_select(0, rows).float() @ lora_a[s].float().T)
+        a = seg.group_weights(lora_a).float()  # [S', R, in]
+        h = torch.bmm(seg.pad(x.index_select(0, rows).float()), a.transpose(1, 2))  # [S', G, R]
+        return out.index_copy_(0, rows, seg.unpad(h))
+    for s, seg_rows in zip(seg.slots, seg.rows):  # SGMV: one matmul per slot's token segment
+        out.index_copy_(0, seg_rows, x.index_select(0, seg_rows).float() @ lora_a[s].float().T)
     return out
 
 
-def lora_expand(
-    h: torch.Tensor, lora_bt: torch.Tensor, scale: torch.Tensor, seg: Segments, out_dtype: torch.dtype
-) -> torch.Tensor:
-    """Fast path of lora_expand_ref (same semantics); float32 matmuls, result in out_dtype."""
-    if h.is_cuda:
-        return _triton().lora_expand(h, lora_bt, scale, seg.token_slots, out_dtype)
-    out = torch.zeros(h.shape[0], lora_bt.shape[2], dtype=out_dtype)
+def lora_expand(y: torch.Tensor, h: torch.Tensor, lora_bts: tuple[torch.Tensor, ...], seg: Segments) -> torch.Tensor:
+    """Fast path of lora_expand_ref (same semantics), adding into y in place (and returning it):
+    one batched matmul per slice, the slices side by side, one scatter-add into y."""
+    if y.is_cuda:
+        return _triton().lora_expand(y, h, lora_bts, seg.token_slots)
     if not seg.slots:
-        return out
-    if seg.use_grouped:  # [S', G, R] @ [S', R, out]: each slot's B read once
+        return y
+    rank = lora_bts[0].shape[1]
+    if seg.use_grouped:  # [S', G, R] @ [S', R, n_p] per slice: each slot's B read once
         rows = seg.sorted_rows
-        hs = h.index_select(0, rows) * scale.index_select(0, seg.token_slots.index_select(0, rows))[:, None]
-        bt = lora_bt.index_select(0, seg.group_slots).float()
-        return out.index_copy_(0, rows, seg.unpad(torch.bmm(seg.pad(hs), bt)).to(out_dtype))
-    for s, rows in zip(seg.slots, seg.rows):
-        out.index_copy_(0, rows, ((h.index_select(0, rows) * scale[s]) @ lora_bt[s].float()).to(out_dtype))
-    return out
+        hp = seg.pad(h.index_select(0, rows))  # [S', G, P*R]
+        delta = torch.cat([torch.bmm(hp[:, :, p * rank : (p + 1) * rank], seg.group_weights(bt).float())
+                           for p, bt in enumerate(lora_bts)], dim=2)  # [S', G, sum n_p]
+        return y.index_add_(0, rows, seg.unpad(delta).to(y.dtype))
+    for s, seg_rows in zip(seg.slots, seg.rows):
+        hs = h.index_select(0, seg_rows)  # [n_s, P*R]
+        delta = torch.cat([hs[:, p * rank : (p + 1) * rank] @ bt[s].float() for p, bt in enumerate(lora_bts)], dim=1)
+        y.index_add_(0, seg_rows, delta.to(y.dtype))
+    return y
 
 
 # ---------------------------------------------------------------- DoRA scale
@@ -204,9 +234,9 @@ def road_rotate(
     if seg.use_grouped:  # each slot's tables read once and broadcast over its tokens
         rows = seg.sorted_rows
         yp = seg.pad(y.index_select(0, rows))  # [S', G, out]
-        c1s, c2s = c1.index_select(0, seg.group_slots)[:, None], c2.index_select(0, seg.group_slots)[:, None]
+        c1s, c2s = seg.group_weights(c1)[:, None], seg.group_weights(c2)[:, None]
         paired = _swap_halves(yp, group_size) if group_size else \
-            torch.gather(yp, 2, partner.index_select(0, seg.group_slots)[:, None].expand_as(yp))
+            torch.gather(yp, 2, seg.group_weights(partner)[:, None].expand_as(yp))
         rotated = seg.unpad((yp * c1s).addcmul_(paired, c2s)).to(y.dtype)
         if rows.numel() == y.shape[0]:
             return torch.empty_like(y).index_copy_(0, rows, rotated)

@@ -31,7 +31,7 @@ def _lora_shrink_kernel(x_ptr, a_ptr, slots_ptr, out_ptr, in_features, rank,
 
 
 @triton.jit
-def _lora_expand_kernel(h_ptr, b_ptr, scale_ptr, slots_ptr, out_ptr, out_features, rank,
+def _lora_expand_kernel(h_ptr, b_ptr, slots_ptr, out_ptr, h_stride, out_stride, out_features, rank,
                         BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
     t = tl.program_id(0)
     nb = tl.program_id(1)
@@ -41,12 +41,11 @@ def _lora_expand_kernel(h_ptr, b_ptr, scale_ptr, slots_ptr, out_ptr, out_feature
     if slot >= 0:
         for r0 in range(0, rank, BLOCK_R):
             r = r0 + tl.arange(0, BLOCK_R)
-            hv = tl.load(h_ptr + t * rank + r, mask=r < rank, other=0.0)
-            b_offsets = slot * rank * out_features + r[None, :] * out_features + n[:, None]
+            hv = tl.load(h_ptr + t * h_stride + r, mask=r < rank, other=0.0).to(tl.float32)
+            b_offsets = slot * rank * out_features + r[None, :] * out_features + n[:, None]  # Bt [S, R, out]
             bv = tl.load(b_ptr + b_offsets, mask=(n[:, None] < out_features) & (r[None, :] < rank), other=0.0)
             acc += tl.sum(bv.to(tl.float32) * hv[None, :], axis=1)
-        acc = acc * tl.load(scale_ptr + slot)
-    tl.store(out_ptr + t * out_features + n, acc, mask=n < out_features)
+    tl.store(out_ptr + t * out_stride + n, acc, mask=n < out_features)
 
 
 @triton.jit
@@ -107,15 +106,19 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, token_slots: torch.Tensor
     return out
 
 
-def lora_expand(h: torch.Tensor, lora_bt: torch.Tensor, scale: torch.Tensor, token_slots: torch.Tensor,
-                out_dtype: torch.dtype) -> torch.Tensor:
-    t, rank = h.shape
-    out_features = lora_bt.shape[2]
-    out = torch.empty(t, out_features, dtype=torch.float32, device=h.device)
+def lora_expand(y: torch.Tensor, h: torch.Tensor, lora_bts, token_slots: torch.Tensor) -> torch.Tensor:
+    """One launch per output slice, each writing its columns of a float32 delta; added to y once."""
+    t, rank = h.shape[0], lora_bts[0].shape[1]
+    delta = torch.empty(t, y.shape[1], dtype=torch.float32, device=y.device)
+    h = h.float().contiguous()
     block_r = max(16, triton.next_power_of_2(min(rank, 64)))
-    _lora_expand_kernel[_grid(t, out_features, 64)](h.contiguous(), lora_bt.contiguous(), scale.float().contiguous(),
-                                                    token_slots, out, out_features, rank, BLOCK_N=64, BLOCK_R=block_r)
-    return out.to(out_dtype)
+    col = 0
+    for p, bt in enumerate(lora_bts):
+        n = bt.shape[2]
+        _lora_expand_kernel[_grid(t, n, 64)](h[:, p * rank :], bt.contiguous(), token_slots, delta[:, col:],
+                                             h.shape[1], delta.shape[1], n, rank, BLOCK_N=64, BLOCK_R=block_r)
+        col += n
+    return y.add_(delta.to(y.dtype))
 
 
 def road_rotate(y, c1, c2, partner, token_slots):

@@ -9,6 +9,7 @@ POPULARITY = ["distinct", "uniform", "zipf", "identical"]
 TOKENS = [1, 7, 33]
 DTYPES = [torch.float32, torch.bfloat16]
 SLOTS, IN, OUT, NNZ = 6, 48, 40, 37
+SLICES = [24, 16]  # output slices of the packed LoRA case (sum = OUT)
 
 
 def token_slots(popularity: str, t: int, gen: torch.Generator) -> torch.Tensor:
@@ -31,6 +32,8 @@ def make_case(rank, popularity: str, t: int, dtype: torch.dtype, seed: int = 0) 
     for s, r in enumerate(ranks):  # rank-padded with zeros, as the slot buffers are
         a[s, r:] = 0
         b[s, :, r:] = 0
+    scale = torch.rand(SLOTS, generator=gen) + 0.5
+    bt = b.transpose(1, 2) * scale[:, None, None]  # [S, R, out], B transposed with the LoRA scale folded in
     g = 8
     j = torch.arange(OUT)
     first = (j % g) < g // 2
@@ -38,8 +41,9 @@ def make_case(rank, popularity: str, t: int, dtype: torch.dtype, seed: int = 0) 
     return {
         "x": torch.randn(t, IN, generator=gen).to(dtype),
         "y": torch.randn(t, OUT, generator=gen).to(dtype),
-        "a": a.to(dtype), "b": b.transpose(1, 2).contiguous().to(dtype),  # B stored transposed: [S, R, out]
-        "scale": torch.rand(SLOTS, generator=gen) + 0.5,
+        # a packed projection of two parts: A of both stacked on the rank axis, one scaled B^T per output slice
+        "a": torch.cat([a, 0.5 * a], dim=1).to(dtype),  # [S, 2R, in]
+        "bts": tuple(part.contiguous().to(dtype) for part in bt.split(SLICES, dim=2)),  # [S, R, n_p]
         "gain": torch.rand(SLOTS, OUT, generator=gen) + 0.5,
         "c1": torch.randn(SLOTS, OUT, generator=gen), "c2": torch.randn(SLOTS, OUT, generator=gen),
         "partner": partner,

@@ -24,8 +24,9 @@ def test_cpu_fast_paths_match_references(rank, popularity, t, dtype):
     h_ref = ops.lora_shrink_ref(c["x"], c["a"], c["slots"])
     h = ops.lora_shrink(c["x"], c["a"], seg)
     assert close(h, h_ref, dtype)
-    assert close(ops.lora_expand(h_ref, c["b"], c["scale"], seg, dtype),
-                 ops.lora_expand_ref(h_ref, c["b"], c["scale"], c["slots"], dtype), dtype)
+    expand_ref = ops.lora_expand_ref(c["y"], h_ref, c["bts"], c["slots"])
+    y = c["y"].clone()
+    assert ops.lora_expand(y, h_ref, c["bts"], seg) is y and close(y, expand_ref, dtype)  # in place
     assert close(ops.dora_scale(c["y"], c["gain"], seg), ops.dora_scale_ref(c["y"], c["gain"], c["slots"]), dtype)
     road_ref = ops.road_rotate_ref(c["y"], c["c1"], c["c2"], c["partner"], c["slots"])
     assert close(ops.road_rotate(c["y"], c["c1"], c["c2"], c["partner"], seg), road_ref, dtype)
@@ -60,8 +61,8 @@ for rank, pop, t, dtype in itertools.product(RANKS, POPULARITY, [1, 7], DTYPES):
     h_ref = ops.lora_shrink_ref(c["x"], c["a"], s)
     checks = {
         "lora_shrink": (tri.lora_shrink(c["x"], c["a"], s), h_ref),
-        "lora_expand": (tri.lora_expand(h_ref, c["b"], c["scale"], s, dtype),
-                        ops.lora_expand_ref(h_ref, c["b"], c["scale"], s, dtype)),
+        "lora_expand": (tri.lora_expand(c["y"].clone(), h_ref, c["bts"], s),
+                        ops.lora_expand_ref(c["y"], h_ref, c["bts"], s)),
         "dora_scale": (tri.dora_scale(c["y"], c["gain"], s), ops.dora_scale_ref(c["y"], c["gain"], s)),
         "road_rotate": (tri.road_rotate(c["y"], c["c1"], c["c2"], c["partner"], s),
                         ops.road_rotate_ref(c["y"], c["c1"], c["c2"], c["partner"], s)),
