@@ -75,7 +75,8 @@ class Segments:
 
     @property
     def use_grouped(self) -> bool:
-        return bool(self.slots) and self.group_slots.numel() * self.group_len <= PAD_WASTE_LIMIT * self.active_rows.numel()
+        padded = self.group_slots.numel() * self.group_len
+        return bool(self.slots) and padded <= PAD_WASTE_LIMIT * self.active_rows.numel()
 
     @property
     def no_padding(self) -> bool:
