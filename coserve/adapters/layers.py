@@ -17,11 +17,13 @@ from torch import nn
 from coserve.adapters.lora import dora_gain
 from coserve.adapters.types import BaseModelShape, LoadedAdapter, ModuleDelta
 from coserve.kernels.adapter_ops import (
+    GATE_EPS,
     Segments,
     dora_scale,
     gate_updates,
     lora_expand,
     lora_shrink,
+    lora_update_norms,
     road_rotate,
     sparse_csr,
     sparse_delta,
@@ -66,6 +68,7 @@ class AdapterLinear(nn.Module):
         # Both appear for all parts when any part gets a LoRA (zero for parts an adapter leaves alone).
         self.lora_a: torch.Tensor | None = None  # [S, parts * R, in]
         self.lora_bts: tuple[torch.Tensor, ...] = ()  # per part [S, R, n_part]
+        self.lora_grams: tuple[torch.Tensor, ...] = ()  # TS-PEFT LoRA: per part s^2 B^T B [S, R, R] float32
         self.dora: dict[str, torch.Tensor] = {}  # gain [S, out]
         # RoAd over the whole packed output (identity on columns a slot does not rotate): c1, c2 [S, out_total]
         # float32, partner [S, out_total] int64, and each slot's group size g when its pairing is j +- g/2 in
@@ -80,7 +83,7 @@ class AdapterLinear(nn.Module):
     def clear_slot(self, slot: int) -> None:
         if self.lora_a is not None:
             self.lora_a[slot].zero_()
-        for bt in self.lora_bts:
+        for bt in self.lora_bts + self.lora_grams:
             bt[slot].zero_()
         for gain in self.dora.values():
             gain[slot] = 1.0
@@ -111,6 +114,11 @@ class AdapterLinear(nn.Module):
             self.lora_a[slot, lo : lo + r] = delta.lora_a
             bt[slot].zero_()
             bt[slot, :r] = delta.lora_b.T * delta.lora_scale
+            if delta.gate_tau is not None:  # the gate reads update norms off the Gram matrix of s B
+                if not self.lora_grams:
+                    self.lora_grams = tuple(torch.zeros(s, self.max_rank, self.max_rank) for _ in self.parts)
+                scaled_bt = bt[slot].float()  # [R, n]
+                self.lora_grams[self.parts.index(part)][slot] = scaled_bt @ scaled_bt.T
         if delta.dora_magnitude is not None:
             if part not in self.dora:
                 self.dora[part] = torch.ones(s, n)
@@ -148,13 +156,24 @@ class AdapterLinear(nn.Module):
             return y
         bias = getattr(self.base, "bias", None)
         lora_seg, dora_seg, road_seg = segs.get("lora"), segs.get("dora"), segs.get("road")
-        base_all = y.clone() if self.gates else None  # TS-PEFT gates compare against the base output
+        # TS-PEFT: LoRA tokens are gated before their expand (pregated); other methods' after the update,
+        # against the base output
+        pregated = None
+        if self.lora_grams and lora_seg is not None:
+            pregated = lora_seg.token_slots >= 0
+            if dora_seg is not None:  # DoRA's update includes its magnitude: gated after
+                pregated &= dora_seg.token_slots < 0
+        gated_after = bool(self.gates) and (pregated is None or bool((~pregated & (self.ctx.token_slots >= 0)).any()))
+        base_all = y.clone() if gated_after else None
         if self.road is not None and road_seg is not None:  # one rotation over every part's columns
             groups = {self.road_group[slot] for slot in road_seg.slots} - {None}
             g = groups.pop() if len(groups) == 1 and -1 not in groups else 0
             y = road_rotate(y, *self.road, road_seg, g)
         if self.lora_a is not None and lora_seg is not None:  # + s B A x, every part's slice at once
-            lora_expand(y, lora_shrink(x, self.lora_a, lora_seg), self.lora_bts, lora_seg)  # h [T, P*R]
+            h = lora_shrink(x, self.lora_a, lora_seg)  # [T, P*R] float32
+            if pregated is not None:
+                self._gate_lora_rows(h, y, lora_seg.token_slots, pregated)
+            lora_expand(y, h, self.lora_bts, lora_seg)
         for part in self.parts:
             lo, n = self.offsets[part], self.sizes[part]
             ys = y[:, lo : lo + n]
@@ -167,11 +186,28 @@ class AdapterLinear(nn.Module):
             if part in self.shira and segs.get("shira") is not None:
                 rows, cols, vals = self.shira[part]
                 ys.add_(sparse_delta(x, rows, cols, vals, n, segs["shira"], self.shira_csr.get(part)))
-            if gate is not None:
+            if gate is not None and gated_after:
                 slots = self.ctx.token_slots  # [T]
                 tau = torch.where(slots >= 0, gate[slots.clamp_min(0)], 0.0)  # [T]
+                if pregated is not None:
+                    tau = tau.masked_fill(pregated, 0.0)
                 ys.copy_(gate_updates(base_all[:, lo : lo + n], ys, tau))
         return y
+
+    def _gate_lora_rows(self, h: torch.Tensor, y: torch.Tensor, slots: torch.Tensor, pregated: torch.Tensor) -> None:
+        """TS-PEFT for LoRA tokens as training gates them: r = ||s B A x|| / ||W0 x||, the update norm read
+        off the rank-R Gram matrix, and a gated-out token's h row zeroed, so its expand adds nothing.
+        h [T, P*R] float32 (in place), y [T, out] the base output, slots [T] LoRA slots, pregated [T] bool."""
+        for i, part in enumerate(self.parts):
+            tau_of_slot = self.gates.get(part)
+            if tau_of_slot is None:
+                continue
+            lo, n, r = self.offsets[part], self.sizes[part], self.max_rank
+            hp = h[:, i * r : (i + 1) * r]  # [T, R]
+            base_norm = y[:, lo : lo + n].float().norm(dim=1)  # [T]
+            ratio = lora_update_norms(hp, self.lora_grams[i], slots) / (base_norm + GATE_EPS)
+            tau = torch.where(pregated, tau_of_slot[slots.clamp_min(0)], 0.0)  # [T]
+            hp.mul_((ratio >= tau)[:, None])
 
 
 def attach_adapter_layers(

@@ -314,6 +314,17 @@ def update_ratio(update: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     return update.float().norm(dim=1) / (base.float().norm(dim=1) + GATE_EPS)
 
 
+def lora_update_norms(h: torch.Tensor, grams: torch.Tensor, token_slots: torch.Tensor) -> torch.Tensor:
+    """Semantics: n[t] = ||s B[slot_t] h[t]|| = sqrt(h[t]^T G[slot_t] h[t]), G = s^2 B^T B (rank x rank),
+    0 for tokens without a slot. The norm of a LoRA update without expanding it (TS-PEFT's gate).
+
+    h [T, R] float32 (A x), grams [S, R, R] float32, token_slots [T] -> [T] float32.
+    """
+    g = grams.index_select(0, token_slots.clamp_min(0))  # [T, R, R]
+    squared = (torch.bmm(h[:, None, :], g)[:, 0] * h).sum(1).clamp_min(0)  # [T]
+    return torch.where(token_slots >= 0, squared.sqrt(), 0.0)
+
+
 def gate_updates(base: torch.Tensor, adapted: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
     """Semantics: row t is adapted[t] when ||adapted[t] - base[t]|| / ||base[t]|| >= tau[t], else base[t].
 

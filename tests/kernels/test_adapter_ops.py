@@ -37,6 +37,18 @@ def test_cpu_fast_paths_match_references(rank, popularity, t, dtype):
     assert close(ops.sparse_delta(c["x"], c["rows"], c["cols"], c["vals"], 40, seg, csr), sparse_ref, dtype)
 
 
+@pytest.mark.parametrize("popularity", POPULARITY)
+def test_lora_update_norms_equal_the_norms_of_the_expanded_updates(popularity):
+    import torch
+
+    c = make_case(16, popularity, 33, torch.float32)
+    bt = c["bts"][0]  # [S, R, n]: s B^T of the first slice
+    h = ops.lora_shrink_ref(c["x"], c["a"], c["slots"])[:, :16]  # [T, R]
+    update = ops.lora_expand_ref(torch.zeros(33, bt.shape[2]), h, (bt,), c["slots"])  # [T, n]
+    norms = ops.lora_update_norms(h, bt @ bt.transpose(1, 2), c["slots"])
+    torch.testing.assert_close(norms, update.norm(dim=1), rtol=1e-5, atol=1e-5)
+
+
 def test_segments_group_tokens_by_slot():
     import torch
 
