@@ -261,9 +261,11 @@ def _swap_halves(y: torch.Tensor, g: int) -> torch.Tensor:
 
 # ---------------------------------------------------------------- SHiRA sparse delta
 def sparse_csr(rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    """One slot's sparse delta as a [out, in] CSR tensor (duplicates summed)."""
+    """One slot's sparse delta as a [out, in] CSR tensor (duplicates summed), with int32 indices: the CPU's
+    sparse x dense matmul runs about a third faster on them than on int64 ones (and reads fewer bytes)."""
     coo = torch.sparse_coo_tensor(torch.stack([rows, cols]), vals.float(), shape, check_invariants=True)
-    return coo.coalesce().to_sparse_csr()
+    csr = coo.coalesce().to_sparse_csr()
+    return torch.sparse_csr_tensor(csr.crow_indices().int(), csr.col_indices().int(), csr.values(), shape)
 
 
 def sparse_delta_ref(
@@ -289,12 +291,14 @@ def sparse_delta(
     matrix as a [out, in] sparse CSR tensor (built once when the slot is loaded), which is much faster."""
     if x.is_cuda:
         return _triton().sparse_delta(x, rows, cols, vals, out_features, seg.token_slots)
-    out = torch.zeros(x.shape[0], out_features, dtype=torch.float32)
     if csr is not None:
+        xt = x.float().T.contiguous()  # [in, T]; the sparse matmul is about twice as fast on contiguous columns
+        out_t = torch.zeros(out_features, x.shape[0], dtype=torch.float32)  # [out, T]
         for s, tok in zip(seg.slots, seg.rows):
             if csr[s] is not None:
-                out.index_copy_(0, tok, (csr[s] @ x.index_select(0, tok).float().T).T)
-        return out.to(x.dtype)
+                out_t.index_copy_(1, tok, csr[s] @ xt.index_select(1, tok))
+        return out_t.T.to(x.dtype)
+    out = torch.zeros(x.shape[0], out_features, dtype=torch.float32)
     for s, tok in zip(seg.slots, seg.rows):
         contrib = x[tok].float()[:, cols[s]] * vals[s]  # [n_s, K]
         block = torch.zeros(tok.numel(), out_features, dtype=torch.float32)
