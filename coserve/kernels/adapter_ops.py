@@ -137,9 +137,19 @@ def _triton():
     return triton_adapter_ops
 
 
-# The CPU fast paths compute in float32 whatever the slot buffers hold (CPU bfloat16 batched matmuls
-# with few rows are slower); a bfloat16 model keeps its buffers in bfloat16, which halves the bytes
-# read per step, the cost that dominates when many adapters share a step.
+# The slot buffers hold the model's compute dtype: a bfloat16 model reads half the bytes per step, the
+# cost that dominates when many adapters share a step. The CPU fast paths multiply in that dtype (float32
+# accumulation, one rounding) when every slot has at least LOW_PRECISION_MIN_ROWS rows, where the
+# bfloat16 kernels win by up to 1.6x, and in float32 below that (bfloat16 GEMMs of 1-7 rows are slower).
+# They match the references within the buffers' dtype's rounding.
+LOW_PRECISION_MIN_ROWS = 8
+
+
+def _matmul_dtype(weights: torch.Tensor, rows_per_slot: int) -> torch.dtype:
+    low = weights.dtype in (torch.bfloat16, torch.float16) and rows_per_slot >= LOW_PRECISION_MIN_ROWS
+    return weights.dtype if low else torch.float32
+
+
 def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, seg: Segments) -> torch.Tensor:
     """Fast path of lora_shrink_ref (same semantics)."""
     if x.is_cuda:
@@ -150,11 +160,13 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, seg: Segments) -> torch.T
     rows = seg.sorted_rows
     out = torch.empty(t, width) if rows.numel() == t else torch.zeros(t, width)
     if seg.use_grouped:  # [S', G, in] @ [S', in, R]: each slot's A read once
-        a = seg.group_weights(lora_a).float()  # [S', R, in]
-        h = torch.bmm(seg.pad(x.index_select(0, rows).float()), a.transpose(1, 2))  # [S', G, R]
-        return out.index_copy_(0, rows, seg.unpad(h))
+        dtype = _matmul_dtype(lora_a, seg.group_len)
+        a = seg.group_weights(lora_a).to(dtype)  # [S', R, in]
+        h = torch.bmm(seg.pad(x.index_select(0, rows).to(dtype)), a.transpose(1, 2))  # [S', G, R]
+        return out.index_copy_(0, rows, seg.unpad(h).float())
     for s, seg_rows in zip(seg.slots, seg.rows):  # SGMV: one matmul per slot's token segment
-        out.index_copy_(0, seg_rows, x.index_select(0, seg_rows).float() @ lora_a[s].float().T)
+        dtype = _matmul_dtype(lora_a, seg_rows.numel())
+        out.index_copy_(0, seg_rows, (x.index_select(0, seg_rows).to(dtype) @ lora_a[s].to(dtype).T).float())
     return out
 
 
@@ -167,14 +179,15 @@ def lora_expand(y: torch.Tensor, h: torch.Tensor, lora_bts: tuple[torch.Tensor, 
         return y
     rank = lora_bts[0].shape[1]
     if seg.use_grouped:  # [S', G, R] @ [S', R, n_p] per slice: each slot's B read once
-        rows = seg.sorted_rows
-        hp = seg.pad(h.index_select(0, rows))  # [S', G, P*R]
-        delta = torch.cat([torch.bmm(hp[:, :, p * rank : (p + 1) * rank], seg.group_weights(bt).float())
+        rows, dtype = seg.sorted_rows, _matmul_dtype(lora_bts[0], seg.group_len)
+        hp = seg.pad(h.index_select(0, rows).to(dtype))  # [S', G, P*R]
+        delta = torch.cat([torch.bmm(hp[:, :, p * rank : (p + 1) * rank], seg.group_weights(bt).to(dtype))
                            for p, bt in enumerate(lora_bts)], dim=2)  # [S', G, sum n_p]
         return y.index_add_(0, rows, seg.unpad(delta).to(y.dtype))
     for s, seg_rows in zip(seg.slots, seg.rows):
-        hs = h.index_select(0, seg_rows)  # [n_s, P*R]
-        delta = torch.cat([hs[:, p * rank : (p + 1) * rank] @ bt[s].float() for p, bt in enumerate(lora_bts)], dim=1)
+        dtype = _matmul_dtype(lora_bts[0], seg_rows.numel())
+        hs = h.index_select(0, seg_rows).to(dtype)  # [n_s, P*R]
+        delta = torch.cat([hs[:, p * rank : (p + 1) * rank] @ bt[s].to(dtype) for p, bt in enumerate(lora_bts)], dim=1)
         y.index_add_(0, seg_rows, delta.to(y.dtype))
     return y
 
