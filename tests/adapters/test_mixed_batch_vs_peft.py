@@ -80,3 +80,43 @@ def test_quantized_base_with_adapters_is_bounded(hf_llama, llama_adapters, quant
     for rid in prompts:
         first_exact, first_quant = exact[rid][1][0], quant[rid][1][0]
         assert abs(first_quant - first_exact) <= max_rel * max(1.0, abs(first_exact)), rid
+
+
+def _scored(model, sequence: list[int], start: int) -> list[float]:
+    """log p(sequence[i] | sequence[:i]) for i >= start, teacher forced."""
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(torch.tensor([sequence])).logits[0].float(), -1)
+    return [float(logprobs[i - 1, sequence[i]]) for i in range(start, len(sequence))]
+
+
+def test_bfloat16_serving_tracks_peft_in_bfloat16(hf_llama, llama_adapters):
+    """A bfloat16 engine keeps its LoRA/DoRA slot buffers in bfloat16 and multiplies in bfloat16 where
+    segments are long (prefill): the served log-probs stay within bfloat16 noise of transformers + peft
+    in bfloat16, several times closer than the same tokens scored without the adapter."""
+    kinds = ("lora-all", "lora-patterns", "dora")
+    engine = LLMEngine(EngineConfig(model=str(hf_llama), dtype="bfloat16", block_size=4, max_batch_tokens=64,
+                                    kv_cache_memory=1 << 23, max_loras=len(kinds)))
+    for kind in kinds:
+        engine.adapters.register_dir(kind, llama_adapters[kind])
+    gen = torch.Generator().manual_seed(7)
+    prompts = {kind: torch.randint(0, 2048, (12 + 3 * i,), generator=gen).tolist() for i, kind in enumerate(kinds)}
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=0)
+    served = {kind: ([], []) for kind in kinds}
+    for kind, prompt in prompts.items():
+        engine.add_request(kind, prompt, params, kind)
+    while engine.has_work:
+        for out in engine.step():
+            for d in out.deltas:
+                served[out.request_id][0].extend(d.token_ids)
+                served[out.request_id][1].extend(t.logprob for t in d.logprobs)
+    base = AutoModelForCausalLM.from_pretrained(hf_llama, dtype=torch.bfloat16).eval()
+    for kind, prompt in prompts.items():
+        tokens, logprobs = served[kind]
+        sequence = prompt + tokens
+        with_adapter = PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained(hf_llama, dtype=torch.bfloat16), llama_adapters[kind]).eval()
+        reference = _scored(with_adapter, sequence, len(prompt))
+        without = _scored(base, sequence, len(prompt))
+        error = max(abs(a - b) for a, b in zip(logprobs, reference))
+        adapter_effect = max(abs(a - b) for a, b in zip(reference, without))
+        assert error <= 0.1 and error * 5 <= adapter_effect, (kind, error, adapter_effect)
