@@ -23,6 +23,9 @@ ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_pro
 CASES = {
     "lora": (lambda: LoraConfig(r=4, lora_alpha=8, target_modules=list(ALL), init_lora_weights=False),
              AdapterSpec("LORA", r=4, lora_alpha=8)),
+    "lora-some-parts": (  # packed linears with parts left out (k of qkv, gate of gate_up): zero slices
+        lambda: LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"], init_lora_weights=False),
+        AdapterSpec("LORA", r=4, lora_alpha=8, target_modules=("q_proj", "v_proj", "up_proj"))),
     "dora": (lambda: LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj", "up_proj"], use_dora=True,
                                 init_lora_weights=False),
              AdapterSpec("LORA", r=4, lora_alpha=8, use_dora=True, target_modules=("q_proj", "o_proj", "up_proj"))),

@@ -117,6 +117,11 @@ class TrainableModule(nn.Module):
         self.gate = gate  # TS-PEFT threshold (possibly shared with the other modules)
         self.seen = self.kept = 0  # token updates gated / applied since the last optimizer step
 
+    @property
+    def plain_lora(self) -> bool:
+        """LoRA without DoRA or a token gate: y + s B A x, which coforward fuses across a packed linear."""
+        return self.spec.peft_type == "LORA" and not self.spec.use_dora and self.gate is None
+
     def apply(self, x: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None,
               weight_fn) -> torch.Tensor:
         """x [T, in] -> this module's output rows y [T, out] (base output, bias included) with the update,
