@@ -19,13 +19,13 @@ from coserve.adapters.types import BaseModelShape, LoadedAdapter, ModuleDelta
 from coserve.kernels.adapter_ops import (
     GATE_EPS,
     Segments,
+    SparseBlocks,
     dora_scale,
     gate_updates,
     lora_expand,
     lora_shrink,
     lora_update_norms,
     road_rotate,
-    sparse_csr,
     sparse_delta,
 )
 
@@ -76,7 +76,7 @@ class AdapterLinear(nn.Module):
         self.road: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.road_group: list[int | None] = [None] * num_slots
         self.shira: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # rows, cols, vals [S, K]
-        self.shira_csr: dict[str, list[torch.Tensor | None]] = {}  # per slot [out, in] CSR (CPU fast path)
+        self.shira_blocks: dict[str, SparseBlocks] = {}  # every slot's matrix in CSR (CPU fast path)
         self.gates: dict[str, torch.Tensor] = {}  # TS-PEFT: part -> tau [S] float32 (0: every token updated)
 
     # ---- slot management (engine thread, between steps) ----
@@ -94,8 +94,8 @@ class AdapterLinear(nn.Module):
             self.road_group[slot] = None
         for _, _, vals in self.shira.values():
             vals[slot] = 0.0
-        for per_slot in self.shira_csr.values():
-            per_slot[slot] = None
+        for blocks in self.shira_blocks.values():
+            blocks.clear(slot)
         for tau in self.gates.values():
             tau[slot] = 0.0
 
@@ -145,8 +145,9 @@ class AdapterLinear(nn.Module):
             vals[slot] = 0.0
             rows[slot, :k], cols[slot, :k], vals[slot, :k] = delta.shira_rows, delta.shira_cols, delta.shira_vals
             self.shira[part] = (rows, cols, vals)
-            self.shira_csr.setdefault(part, [None] * s)[slot] = sparse_csr(
-                delta.shira_rows, delta.shira_cols, delta.shira_vals, (n, self.in_features))
+            if part not in self.shira_blocks:
+                self.shira_blocks[part] = SparseBlocks(s, n, self.in_features)
+            self.shira_blocks[part].load(slot, delta.shira_rows, delta.shira_cols, delta.shira_vals)
 
     # ---- forward ----
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [T, in] -> [T, sum(part sizes)]
@@ -185,7 +186,7 @@ class AdapterLinear(nn.Module):
                 ys.index_copy_(0, rows, scaled.index_select(0, rows))
             if part in self.shira and segs.get("shira") is not None:
                 rows, cols, vals = self.shira[part]
-                ys.add_(sparse_delta(x, rows, cols, vals, n, segs["shira"], self.shira_csr.get(part)))
+                ys.add_(sparse_delta(x, rows, cols, vals, n, segs["shira"], self.shira_blocks.get(part)))
             if gate is not None and gated_after:
                 slots = self.ctx.token_slots  # [T]
                 tau = torch.where(slots >= 0, gate[slots.clamp_min(0)], 0.0)  # [T]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from coserve.kernels import adapter_ops as ops
-from tests.kernels.adapter_cases import DTYPES, POPULARITY, RANKS, TOKENS, close, make_case
+from tests.kernels.adapter_cases import DTYPES, NNZ, POPULARITY, RANKS, TOKENS, close, make_case
 
 MATRIX = list(itertools.product(RANKS, POPULARITY, TOKENS, DTYPES))
 
@@ -33,8 +33,15 @@ def test_cpu_fast_paths_match_references(rank, popularity, t, dtype):
     assert close(ops.road_rotate(c["y"], c["c1"], c["c2"], c["partner"], seg, c["group_size"]), road_ref, dtype)
     sparse_ref = ops.sparse_delta_ref(c["x"], c["rows"], c["cols"], c["vals"], 40, c["slots"])
     assert close(ops.sparse_delta(c["x"], c["rows"], c["cols"], c["vals"], 40, seg), sparse_ref, dtype)
-    csr = [ops.sparse_csr(c["rows"][s], c["cols"][s], c["vals"][s], (40, 48)) for s in range(c["rows"].shape[0])]
-    assert close(ops.sparse_delta(c["x"], c["rows"], c["cols"], c["vals"], 40, seg, csr), sparse_ref, dtype)
+    blocks = ops.SparseBlocks(c["rows"].shape[0], 40, 48)
+    for s in range(c["rows"].shape[0]):  # mixed nnz per slot: the blocks grow and pad
+        k = NNZ - 5 * (s % 3)
+        blocks.load(s, c["rows"][s, :k], c["cols"][s, :k], c["vals"][s, :k])
+    vals = c["vals"].clone()
+    for s in range(vals.shape[0]):
+        vals[s, NNZ - 5 * (s % 3):] = 0  # the same matrices as triplet lists
+    sparse_ref = ops.sparse_delta_ref(c["x"], c["rows"], c["cols"], vals, 40, c["slots"])
+    assert close(ops.sparse_delta(c["x"], c["rows"], c["cols"], vals, 40, seg, blocks), sparse_ref, dtype)
 
 
 @pytest.mark.parametrize("popularity", POPULARITY)
