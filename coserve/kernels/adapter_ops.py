@@ -43,6 +43,7 @@ class Segments:
     padded_index: torch.Tensor  # [T'] position of each sorted row in the [S' * G] padded layout
     group_len: int  # G, the longest group
     slot_range: tuple[int, int] | None = None  # (lo, hi + 1) when group_slots is that range
+    in_order: bool = False  # every token has a slot, already in slot order, no padding: pad/unpad are views
 
     @classmethod
     def build(cls, token_slots: torch.Tensor) -> Segments:
@@ -64,8 +65,11 @@ class Segments:
         else:
             group_slots = present
             group_of = torch.repeat_interleave(torch.arange(present.numel()), counts)
-        return cls(token_slots, unique, rows, active, slots_of_active, group_slots, sorted_rows,
-                   group_of * group_len + position, group_len, slot_range)
+        seg = cls(token_slots, unique, rows, active, slots_of_active, group_slots, sorted_rows,
+                  group_of * group_len + position, group_len, slot_range)
+        seg.in_order = bool(unique) and sorted_rows.numel() == token_slots.numel() and seg.no_padding and \
+            bool((sorted_rows == torch.arange(sorted_rows.numel())).all())
+        return seg
 
     def group_weights(self, per_slot: torch.Tensor) -> torch.Tensor:
         """[S, ...] slot buffer -> [S', ...] the rows of the padded groups (a view over a slot range)."""
@@ -162,7 +166,10 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, seg: Segments) -> torch.T
     if seg.use_grouped:  # [S', G, in] @ [S', in, R]: each slot's A read once
         dtype = _matmul_dtype(lora_a, seg.group_len)
         a = seg.group_weights(lora_a).to(dtype)  # [S', R, in]
-        h = torch.bmm(seg.pad(x.index_select(0, rows).to(dtype)), a.transpose(1, 2))  # [S', G, R]
+        xs = x if seg.in_order else x.index_select(0, rows)  # [T', in] in slot order
+        h = torch.bmm(seg.pad(xs.to(dtype)), a.transpose(1, 2))  # [S', G, R]
+        if seg.in_order:
+            return seg.unpad(h).float()
         return out.index_copy_(0, rows, seg.unpad(h).float())
     for s, seg_rows in zip(seg.slots, seg.rows):  # SGMV: one matmul per slot's token segment
         dtype = _matmul_dtype(lora_a, seg_rows.numel())
@@ -180,9 +187,11 @@ def lora_expand(y: torch.Tensor, h: torch.Tensor, lora_bts: tuple[torch.Tensor, 
     rank = lora_bts[0].shape[1]
     if seg.use_grouped:  # [S', G, R] @ [S', R, n_p] per slice: each slot's B read once
         rows, dtype = seg.sorted_rows, _matmul_dtype(lora_bts[0], seg.group_len)
-        hp = seg.pad(h.index_select(0, rows).to(dtype))  # [S', G, P*R]
+        hp = seg.pad((h if seg.in_order else h.index_select(0, rows)).to(dtype))  # [S', G, P*R]
         delta = torch.cat([torch.bmm(hp[:, :, p * rank : (p + 1) * rank], seg.group_weights(bt).to(dtype))
                            for p, bt in enumerate(lora_bts)], dim=2)  # [S', G, sum n_p]
+        if seg.in_order:
+            return y.add_(seg.unpad(delta).to(y.dtype))
         return y.index_add_(0, rows, seg.unpad(delta).to(y.dtype))
     for s, seg_rows in zip(seg.slots, seg.rows):
         dtype = _matmul_dtype(lora_bts[0], seg_rows.numel())
