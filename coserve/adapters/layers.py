@@ -180,10 +180,13 @@ class AdapterLinear(nn.Module):
             ys = y[:, lo : lo + n]
             gate = self.gates.get(part)
             if part in self.dora and dora_seg is not None:  # DoRA rows: g * (W0 x + s B A x) + bias
-                b_part = bias[lo : lo + n] if bias is not None else 0
-                scaled = dora_scale(ys - b_part, self.dora[part], dora_seg) + b_part
-                rows = dora_seg.active_rows
-                ys.index_copy_(0, rows, scaled.index_select(0, rows))
+                if bias is None:  # other rows come back unchanged
+                    ys.copy_(dora_scale(ys, self.dora[part], dora_seg))
+                else:  # (y - b) + b need not round back to y: copy the DoRA rows only
+                    b_part = bias[lo : lo + n]
+                    scaled = dora_scale(ys - b_part, self.dora[part], dora_seg) + b_part
+                    rows = dora_seg.active_rows
+                    ys.index_copy_(0, rows, scaled.index_select(0, rows))
             if part in self.shira and segs.get("shira") is not None:
                 rows, cols, vals = self.shira[part]
                 ys.add_(sparse_delta(x, rows, cols, vals, n, segs["shira"], self.shira_blocks.get(part)))

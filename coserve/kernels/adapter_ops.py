@@ -90,8 +90,8 @@ class Segments:
     def pad(self, values: torch.Tensor) -> torch.Tensor:
         """Rows of `values` [T', F] in sorted-row order -> zero-padded groups [S', G, F]."""
         groups = self.group_slots.numel()
-        if self.no_padding:
-            return values.view(groups, self.group_len, values.shape[1])
+        if self.no_padding:  # a view when values is contiguous
+            return values.reshape(groups, self.group_len, values.shape[1])
         padded = values.new_zeros(groups * self.group_len, values.shape[1])
         padded[self.padded_index] = values
         return padded.view(groups, self.group_len, values.shape[1])
@@ -215,14 +215,24 @@ def dora_scale_ref(y: torch.Tensor, gain: torch.Tensor, token_slots: torch.Tenso
 
 
 def dora_scale(y: torch.Tensor, gain: torch.Tensor, seg: Segments) -> torch.Tensor:
+    """Fast path of dora_scale_ref: grouped, each slot's gains read once (a view over a slot range)
+    and broadcast over its tokens; per-token gathered gains otherwise."""
     if y.is_cuda:
         return _triton().dora_scale(y, gain, seg.token_slots)
+    if not seg.slots:
+        return y.clone()
+    if seg.use_grouped:
+        rows = seg.sorted_rows
+        yp = seg.pad((y if seg.in_order else y.index_select(0, rows)).float())  # [S', G, out]
+        scaled = seg.unpad(yp * seg.group_weights(gain).float()[:, None]).to(y.dtype)  # [T', out]
+        if seg.in_order:
+            return scaled
+        out = torch.empty_like(y) if rows.numel() == y.shape[0] else y.clone()
+        return out.index_copy_(0, rows, scaled)
     out = y.clone()
-    if seg.slots:
-        rows = seg.active_rows
-        scaled = y.index_select(0, rows).float() * gain.index_select(0, seg.active_slots).float()
-        out.index_copy_(0, rows, scaled.to(y.dtype))
-    return out
+    rows = seg.active_rows
+    scaled = y.index_select(0, rows).float() * gain.index_select(0, seg.active_slots).float()
+    return out.index_copy_(0, rows, scaled.to(y.dtype))
 
 
 # ---------------------------------------------------------------- RoAd rotation

@@ -56,6 +56,18 @@ def test_lora_update_norms_equal_the_norms_of_the_expanded_updates(popularity):
     torch.testing.assert_close(norms, update.norm(dim=1), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("slots", [[2] * 9, [0, 0, 1, 1, 2, 2, 3, 3, 3], [3, 1, -1, 0, 2, 2, 1, 0, 3]])
+def test_dora_scale_on_a_column_slice_of_a_packed_output(slots):
+    """The serving layer scales each part's columns of the packed output in place: a strided view."""
+    import torch
+
+    y = torch.randn(9, 30)[:, 5:25]  # [T, out] non-contiguous
+    gain = torch.rand(4, 20) + 0.5
+    token_slots = torch.tensor(slots)
+    expected = ops.dora_scale_ref(y, gain, token_slots)
+    torch.testing.assert_close(ops.dora_scale(y, gain, ops.Segments.build(token_slots)), expected)
+
+
 def test_segments_group_tokens_by_slot():
     import torch
 
