@@ -57,7 +57,7 @@ class AdapterLinear(nn.Module):
                  max_rank: int, ctx: AdapterContext, dtype: torch.dtype = torch.float32):
         super().__init__()
         self.base = base
-        self.dtype = dtype  # LoRA buffers hold the model's compute dtype (the ops compute in float32)
+        self.dtype = dtype  # LoRA buffers hold the compute dtype (see adapter_ops: which dtype the ops multiply in)
         self.parts = parts
         self.offsets = dict(zip(parts, [sum(part_sizes[:i]) for i in range(len(parts))]))
         self.sizes = dict(zip(parts, part_sizes))
