@@ -134,9 +134,7 @@ def _apply_thresholds(adapter: LoadedAdapter, selection: Any) -> None:
     if not isinstance(selection, dict) or not isinstance(selection.get("thresholds"), dict):
         raise AdapterError(f"{field} must be an object with a `thresholds` object", field)
     thresholds = selection["thresholds"]
-    paths = {}
-    for (layer, module), delta in adapter.modules.items():
-        paths[module_path(layer, module)] = delta
+    paths = {module_path(layer, module): delta for (layer, module), delta in adapter.modules.items()}
     for path, tau in thresholds.items():
         if path not in paths:
             raise AdapterError(f"{field}.thresholds names {path}, which the adapter does not adapt", field)

@@ -196,12 +196,19 @@ def _sse_chunk(line: str) -> Chunk | None:
 
 
 class _Base:
-    def __init__(self, url: str | None, api_key: str | None, timeout: float, max_retries: int):
+    _http_class: type  # httpx.Client | httpx.AsyncClient
+    _jobs_class: type  # the fine_tuning resource with this transport's wait()
+
+    def __init__(self, url: str | None = None, api_key: str | None = None, timeout: float = 300.0,
+                 max_retries: int = 3):
         self.url = (url or os.environ.get("COSERVE_URL") or DEFAULT_URL).rstrip("/")
         self.api_key = api_key if api_key is not None else os.environ.get("COSERVE_API_KEY")
         self.max_retries = max_retries
         self.headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         self.timeout = timeout
+        self._http = self._http_class(base_url=self.url, headers=self.headers, timeout=timeout)
+        self.adapters, self.files = Adapters(self._send), Files(self._send)
+        self.fine_tuning = self._jobs_class(self._send)
 
     def _delay(self, response: httpx.Response, attempt: int) -> float | None:
         """Seconds to wait before retrying, or None to give up."""
@@ -243,13 +250,22 @@ class _Base:
         return {"json": call.json, "params": params or None, "files": call.files, "data": call.data}
 
 
+class _SyncJobs(FineTuning):
+    def wait(self, job_id: str, poll_s: float = 1.0, timeout: float | None = None,
+             on_progress: Callable[[Job, tuple[int, int] | None], None] | None = None) -> Job:
+        """Poll until the job ends; on_progress(job, (step, total) or None) after each poll."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            job = self.get(job_id)
+            if on_progress is not None:
+                on_progress(job, job_progress(self.events(job_id, limit=20)))
+            if job.done or (deadline is not None and time.monotonic() > deadline):
+                return job
+            time.sleep(poll_s)
+
+
 class Client(_Base):
-    def __init__(self, url: str | None = None, api_key: str | None = None, timeout: float = 300.0,
-                 max_retries: int = 3):
-        super().__init__(url, api_key, timeout, max_retries)
-        self._http = httpx.Client(base_url=self.url, headers=self.headers, timeout=timeout)
-        self.adapters, self.files = Adapters(self._send), Files(self._send)
-        self.fine_tuning = _SyncJobs(self._send)
+    _http_class, _jobs_class = httpx.Client, _SyncJobs
 
     def close(self) -> None:
         self._http.close()
@@ -278,27 +294,21 @@ class Client(_Base):
                 if chunk is not None:
                     yield chunk
 
-class _SyncJobs(FineTuning):
-    def wait(self, job_id: str, poll_s: float = 1.0, timeout: float | None = None,
-             on_progress: Callable[[Job, tuple[int, int] | None], None] | None = None) -> Job:
-        """Poll until the job ends; on_progress(job, (step, total) or None) after each poll."""
+class _AsyncJobs(FineTuning):
+    async def wait(self, job_id: str, poll_s: float = 1.0, timeout: float | None = None,
+                   on_progress: Callable[[Job, tuple[int, int] | None], None] | None = None) -> Job:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            job = self.get(job_id)
+            job = await self.get(job_id)
             if on_progress is not None:
-                on_progress(job, job_progress(self.events(job_id, limit=20)))
+                on_progress(job, job_progress(await self.events(job_id, limit=20)))
             if job.done or (deadline is not None and time.monotonic() > deadline):
                 return job
-            time.sleep(poll_s)
+            await asyncio.sleep(poll_s)
 
 
 class AsyncClient(_Base):
-    def __init__(self, url: str | None = None, api_key: str | None = None, timeout: float = 300.0,
-                 max_retries: int = 3):
-        super().__init__(url, api_key, timeout, max_retries)
-        self._http = httpx.AsyncClient(base_url=self.url, headers=self.headers, timeout=timeout)
-        self.adapters, self.files = Adapters(self._send), Files(self._send)
-        self.fine_tuning = _AsyncJobs(self._send)
+    _http_class, _jobs_class = httpx.AsyncClient, _AsyncJobs
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -326,15 +336,3 @@ class AsyncClient(_Base):
                 chunk = _sse_chunk(line)
                 if chunk is not None:
                     yield chunk
-
-class _AsyncJobs(FineTuning):
-    async def wait(self, job_id: str, poll_s: float = 1.0, timeout: float | None = None,
-                   on_progress: Callable[[Job, tuple[int, int] | None], None] | None = None) -> Job:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            job = await self.get(job_id)
-            if on_progress is not None:
-                on_progress(job, job_progress(await self.events(job_id, limit=20)))
-            if job.done or (deadline is not None and time.monotonic() > deadline):
-                return job
-            await asyncio.sleep(poll_s)

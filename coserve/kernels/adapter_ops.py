@@ -156,15 +156,16 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, seg: Segments) -> torch.T
     if not seg.slots:
         return torch.zeros(t, width)
     rows = seg.sorted_rows
-    out = torch.empty(t, width) if rows.numel() == t else torch.zeros(t, width)
     if seg.use_grouped:  # [S', G, in] @ [S', in, R]: each slot's A read once
         dtype = _matmul_dtype(lora_a, seg.group_len)
         a = seg.group_weights(lora_a).to(dtype)  # [S', R, in]
         xs = x if seg.in_order else x.index_select(0, rows)  # [T', in] in slot order
-        h = torch.bmm(seg.pad(xs.to(dtype)), a.transpose(1, 2))  # [S', G, R]
+        h = seg.unpad(torch.bmm(seg.pad(xs.to(dtype)), a.transpose(1, 2))).float()  # [T', R]
         if seg.in_order:
-            return seg.unpad(h).float()
-        return out.index_copy_(0, rows, seg.unpad(h).float())
+            return h
+    out = torch.empty(t, width) if rows.numel() == t else torch.zeros(t, width)
+    if seg.use_grouped:
+        return out.index_copy_(0, rows, h)
     for s, seg_rows in zip(seg.slots, seg.rows):  # SGMV: one matmul per slot's token segment
         dtype = _matmul_dtype(lora_a, seg_rows.numel())
         out.index_copy_(0, seg_rows, (x.index_select(0, seg_rows).to(dtype) @ lora_a[s].to(dtype).T).float())
@@ -402,15 +403,16 @@ def update_ratio(update: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     return update.float().norm(dim=1) / (base.float().norm(dim=1) + GATE_EPS)
 
 
-def lora_update_norms(h: torch.Tensor, grams: torch.Tensor, token_slots: torch.Tensor) -> torch.Tensor:
+def lora_update_norms(h: torch.Tensor, grams: torch.Tensor, token_slots: torch.Tensor | None = None) -> torch.Tensor:
     """Semantics: n[t] = ||s B[slot_t] h[t]|| = sqrt(h[t]^T G[slot_t] h[t]), G = s^2 B^T B (rank x rank),
     0 for tokens without a slot. The norm of a LoRA update without expanding it (TS-PEFT's gate).
 
-    h [T, R] float32 (A x), grams [S, R, R] float32, token_slots [T] -> [T] float32.
+    h [T, R] float32 (A x), grams [S, R, R] float32, token_slots [T] -> [T] float32; without token_slots,
+    grams is one [R, R] matrix for every token (a training job's module).
     """
-    g = grams.index_select(0, token_slots.clamp_min(0))  # [T, R, R]
-    squared = (torch.bmm(h[:, None, :], g)[:, 0] * h).sum(1).clamp_min(0)  # [T]
-    return torch.where(token_slots >= 0, squared.sqrt(), 0.0)
+    g = grams if token_slots is None else grams.index_select(0, token_slots.clamp_min(0))  # [R, R] | [T, R, R]
+    norms = (torch.matmul(h[:, None, :], g)[:, 0] * h).sum(1).clamp_min(0).sqrt()  # [T]
+    return norms if token_slots is None else torch.where(token_slots >= 0, norms, 0.0)
 
 
 def gate_updates(base: torch.Tensor, adapted: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:

@@ -66,8 +66,7 @@ def select_modules(density: dict[str, float], costs: dict[str, int], budget: int
                    probe_steps: int) -> ModuleSelection:
     """Rank every module of `costs` by token density (a module the probe never gated counts as 0;
     ties in model order) and select greedily within `budget` parameters."""
-    order = list(costs)
-    ranked = sorted(order, key=lambda key: (-density.get(key, 0.0), order.index(key)))
+    ranked = sorted(costs, key=lambda key: -density.get(key, 0.0))  # stable: ties stay in model order
     used, ranking = 0, []
     for key in ranked:
         fits = used + costs[key] <= budget

@@ -26,7 +26,7 @@ from collections.abc import Callable
 import torch
 
 from coserve.kernels.adapter_ops import GATE_EPS as EPS
-from coserve.kernels.adapter_ops import update_ratio
+from coserve.kernels.adapter_ops import lora_update_norms, update_ratio
 
 TAU_STEP = 0.5  # share of the way log tau moves toward the log of the step's observed quantile
 CALL_SAMPLE = 512  # update ratios kept per call (evenly strided) for the step's quantile
@@ -47,8 +47,7 @@ def lora_gated(x: torch.Tensor, y: torch.Tensor, lora_a: torch.Tensor, lora_b: t
     ||s B h_i|| = s sqrt(h_i^T (B^T B) h_i) with h = A x, so r_i needs only the rank-r Gram matrix."""
     h = x.float() @ lora_a.T  # [T, r]
     with torch.no_grad():
-        gram = lora_b.T @ lora_b  # [r, r]
-        norms = scale * ((h @ gram) * h).sum(1).clamp_min(0).sqrt()  # [T]
+        norms = scale * lora_update_norms(h, lora_b.T @ lora_b)  # [T]; the Gram matrix is [r, r]
         ratios = norms / (y.float().norm(dim=1) + EPS)
         kept = ratios >= threshold(ratios)
     rows = kept.nonzero().flatten()
