@@ -2,6 +2,9 @@
 SHiRA rows) against the same requests on the base model alone, and against transformers + peft's
 mixed-adapter `generate(adapter_names=...)`.
 
+Every adapter run is paired with a base run (and every peft run with a coserve run) timed just
+before it; a row's slowdown is the median of its paired ratios over the trials.
+
 Adapters are written in PEFT's on-disk format (seeded random tensors, all seven projections)
 and served through the same path as `--adapter`.
 
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import statistics
 import time
 from pathlib import Path
 
@@ -109,7 +113,7 @@ def main() -> None:
     ap.add_argument("--adapters", default="1,8,32,128")
     ap.add_argument("--methods-at", type=int, default=32, help="adapter count for the DoRA/RoAd/SHiRA rows")
     ap.add_argument("--peft", default="8,32", help="adapter counts also run through transformers + peft")
-    ap.add_argument("--trials", type=int, default=2)
+    ap.add_argument("--trials", type=int, default=3)
     args = ap.parse_args()
     model = args.model or str(demo_checkpoint("small"))
     counts = [int(c) for c in args.adapters.split(",")]
@@ -130,24 +134,30 @@ def main() -> None:
                 engine.adapters.register_dir(d.name, d, preload=False)
         adapters_of[method, n] = [dirs[i % n].name for i in range(args.requests)]
     best: dict[tuple[str, int], float] = {}
-    for _ in range(args.trials):  # interleaved trials, the best counts: this machine's speed drifts
-        for key in runs:
-            adapter_of = adapters_of[key]
-            if key[1]:
-                coserve_rate(engine, prompts[: key[1]], adapter_of[: key[1]], 2)  # every adapter loaded once
-            best[key] = max(best.get(key, 0.0), coserve_rate(engine, prompts, adapter_of, args.output_len))
-            print(key, round(best[key], 1), flush=True)
-    base_rate = best["BASE", 0]
-    rows = [{"method": "base model" if m == "BASE" else m, "adapters": n, "output_tok_s": round(best[m, n], 1),
-             "slowdown_vs_base": round(base_rate / best[m, n], 3)} for m, n in runs]
+    paired: dict[tuple[str, int], list[float]] = {key: [] for key in runs[1:]}
+    base = runs[0]
+    for _ in range(args.trials):  # interleaved trials: this machine's speed drifts by 20% within minutes
+        for key in runs[1:]:
+            # each adapter row is timed right after a base run of its own, and its slowdown is the median
+            # of these paired ratios, so that the drift between rows minutes apart does not enter it
+            base_rate = coserve_rate(engine, prompts, adapters_of[base], args.output_len)
+            best[base] = max(best.get(base, 0.0), base_rate)
+            coserve_rate(engine, prompts[: key[1]], adapters_of[key][: key[1]], 2)  # every adapter loaded once
+            rate = coserve_rate(engine, prompts, adapters_of[key], args.output_len)
+            best[key] = max(best.get(key, 0.0), rate)
+            paired[key].append(base_rate / rate)
+            print(key, round(rate, 1), "base", round(base_rate, 1), "ratio", round(base_rate / rate, 3), flush=True)
+    rows = [{"method": "base model", "adapters": 0, "output_tok_s": round(best[base], 1), "slowdown_vs_base": 1.0}]
+    rows += [{"method": m, "adapters": n, "output_tok_s": round(best[m, n], 1),
+              "slowdown_vs_base": round(statistics.median(paired[m, n]), 3),
+              "paired_ratios": [round(r, 3) for r in paired[m, n]]} for m, n in runs[1:]]
     for n in [int(c) for c in args.peft.split(",") if c]:
         dirs = dirs_of.get(("LORA", n)) or [write_adapter(root / f"lora-{i}", "LORA", shape, i) for i in range(n)]
         adapter_of = [dirs[i % n].name for i in range(args.requests)]
+        ours = coserve_rate(engine, prompts, adapter_of, args.output_len)  # paired with the peft run, as above
         rate = peft_rate(model, dirs, prompts, adapter_of, args.output_len)
-        ours = next(r for r in rows if r["method"] == "LORA" and r["adapters"] == n)
         rows.append({"method": "transformers + peft (LORA)", "adapters": n, "output_tok_s": round(rate, 1),
-                     "slowdown_vs_base": round(base_rate / rate, 3), "coserve_speedup": round(
-                         ours["output_tok_s"] / rate, 2)})
+                     "slowdown_vs_base": round(best[base] / rate, 3), "coserve_speedup": round(ours / rate, 2)})
         print(rows[-1], flush=True)
     columns = ["method", "adapters", "output_tok_s", "slowdown_vs_base", "coserve_speedup"]
     print(table(rows, columns))

@@ -64,10 +64,10 @@ class AdapterLinear(nn.Module):
         self.in_features = base.in_features
         self.num_slots, self.max_rank, self.ctx = num_slots, max_rank, ctx
         # LoRA: A of every part stacked along the rank axis, so one shrink serves all parts of the module,
-        # and one scaled B^T per part (s * B^T, [S, R, n_part]), so one expand call adds every part's slice.
+        # and one scaled B per part (s * B, [S, n_part, R], PEFT's layout), so one expand call adds every part's slice.
         # Both appear for all parts when any part gets a LoRA (zero for parts an adapter leaves alone).
         self.lora_a: torch.Tensor | None = None  # [S, parts * R, in]
-        self.lora_bts: tuple[torch.Tensor, ...] = ()  # per part [S, R, n_part]
+        self.lora_bs: tuple[torch.Tensor, ...] = ()  # per part [S, n_part, R]
         self.lora_grams: tuple[torch.Tensor, ...] = ()  # TS-PEFT LoRA: per part s^2 B^T B [S, R, R] float32
         self.dora: dict[str, torch.Tensor] = {}  # gain [S, out]
         # RoAd over the whole packed output (identity on columns a slot does not rotate): c1, c2 [S, out_total]
@@ -83,8 +83,8 @@ class AdapterLinear(nn.Module):
     def clear_slot(self, slot: int) -> None:
         if self.lora_a is not None:
             self.lora_a[slot].zero_()
-        for bt in self.lora_bts + self.lora_grams:
-            bt[slot].zero_()
+        for buffer in self.lora_bs + self.lora_grams:
+            buffer[slot].zero_()
         for gain in self.dora.values():
             gain[slot] = 1.0
         if self.road is not None:
@@ -106,19 +106,19 @@ class AdapterLinear(nn.Module):
         if delta.lora_a is not None:
             if self.lora_a is None:
                 self.lora_a = torch.zeros(s, len(self.parts) * self.max_rank, self.in_features, dtype=self.dtype)
-                self.lora_bts = tuple(torch.zeros(s, self.max_rank, self.sizes[p], dtype=self.dtype)
-                                      for p in self.parts)
-            bt = self.lora_bts[self.parts.index(part)]
+                self.lora_bs = tuple(torch.zeros(s, self.sizes[p], self.max_rank, dtype=self.dtype)
+                                     for p in self.parts)
+            b = self.lora_bs[self.parts.index(part)]
             r, lo = delta.rank, self.parts.index(part) * self.max_rank
             self.lora_a[slot, lo : lo + self.max_rank] = 0.0
             self.lora_a[slot, lo : lo + r] = delta.lora_a
-            bt[slot].zero_()
-            bt[slot, :r] = delta.lora_b.T * delta.lora_scale
+            b[slot].zero_()
+            b[slot, :, :r] = delta.lora_b * delta.lora_scale
             if delta.gate_tau is not None:  # the gate reads update norms off the Gram matrix of s B
                 if not self.lora_grams:
                     self.lora_grams = tuple(torch.zeros(s, self.max_rank, self.max_rank) for _ in self.parts)
-                scaled_bt = bt[slot].float()  # [R, n]
-                self.lora_grams[self.parts.index(part)][slot] = scaled_bt @ scaled_bt.T
+                scaled_b = b[slot].float()  # [n, R]
+                self.lora_grams[self.parts.index(part)][slot] = scaled_b.T @ scaled_b
         if delta.dora_magnitude is not None:
             if part not in self.dora:
                 self.dora[part] = torch.ones(s, n)
@@ -174,7 +174,7 @@ class AdapterLinear(nn.Module):
             h = lora_shrink(x, self.lora_a, lora_seg)  # [T, P*R] float32
             if pregated is not None:
                 self._gate_lora_rows(h, y, lora_seg.token_slots, pregated)
-            lora_expand(y, h, self.lora_bts, lora_seg)
+            lora_expand(y, h, self.lora_bs, lora_seg)
         for part in self.parts:
             lo, n = self.offsets[part], self.sizes[part]
             ys = y[:, lo : lo + n]

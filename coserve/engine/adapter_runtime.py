@@ -98,15 +98,20 @@ class AdapterRuntime:
         self.slots.release(adapter_id)
 
     # ---- per step ----
-    def begin_step(self, rows: list[ScheduledSequence], extra_rows: int = 0) -> None:
-        """Group this step's tokens by slot and kind for the wrapped projections; `extra_rows` base-only
-        rows follow them (fine-tuning rows: their adapter is applied by the trainer)."""
-        if self.ctx is None:
-            return
-        slots_per_row = []
+    def order_by_slot(self, rows: list[ScheduledSequence]) -> list[ScheduledSequence]:
+        """Fill in each row's adapter slot and return the rows ordered by it (stable; base-model rows
+        last), so that each slot's tokens are contiguous and the adapter ops read them in place."""
         for row in rows:
             row.adapter_slot = self.slots.slot_of.get(row.adapter_id, -1) if row.adapter_id else -1
-            slots_per_row.append(row.adapter_slot)
+        return sorted(rows, key=lambda row: row.adapter_slot if row.adapter_slot >= 0 else self.slots.num_slots)
+
+    def begin_step(self, rows: list[ScheduledSequence], extra_rows: int = 0) -> None:
+        """Group this step's tokens by slot and kind for the wrapped projections (rows carry their slots,
+        see order_by_slot); `extra_rows` base-only rows follow them (fine-tuning rows: their adapter is
+        applied by the trainer)."""
+        if self.ctx is None:
+            return
+        slots_per_row = [row.adapter_slot for row in rows]
         if all(s < 0 for s in slots_per_row):
             self.ctx.segments, self.ctx.token_slots = {}, None
             return

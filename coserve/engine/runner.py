@@ -84,7 +84,7 @@ class ModelRunner:
     def _execute(self, step: SchedulerOutput, train: TrainBatch | None) -> RunnerOutput:
         if step.is_empty and train is None:
             return RunnerOutput()
-        rows = step.sequences
+        rows = step.sequences if self.adapters is None else self.adapters.order_by_slot(step.sequences)
         input_ids = torch.tensor([t for r in rows for t in r.token_ids], dtype=torch.long)  # [T]
         positions = torch.tensor(
             [p for r in rows for p in range(r.start_position, r.start_position + len(r.token_ids))], dtype=torch.long

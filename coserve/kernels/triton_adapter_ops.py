@@ -42,7 +42,7 @@ def _lora_expand_kernel(h_ptr, b_ptr, slots_ptr, out_ptr, h_stride, out_stride, 
         for r0 in range(0, rank, BLOCK_R):
             r = r0 + tl.arange(0, BLOCK_R)
             hv = tl.load(h_ptr + t * h_stride + r, mask=r < rank, other=0.0).to(tl.float32)
-            b_offsets = slot * rank * out_features + r[None, :] * out_features + n[:, None]  # Bt [S, R, out]
+            b_offsets = slot * out_features * rank + n[:, None] * rank + r[None, :]  # Bs [S, out, R]
             bv = tl.load(b_ptr + b_offsets, mask=(n[:, None] < out_features) & (r[None, :] < rank), other=0.0)
             acc += tl.sum(bv.to(tl.float32) * hv[None, :], axis=1)
     tl.store(out_ptr + t * out_stride + n, acc, mask=n < out_features)
@@ -106,16 +106,16 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, token_slots: torch.Tensor
     return out
 
 
-def lora_expand(y: torch.Tensor, h: torch.Tensor, lora_bts, token_slots: torch.Tensor) -> torch.Tensor:
+def lora_expand(y: torch.Tensor, h: torch.Tensor, lora_bs, token_slots: torch.Tensor) -> torch.Tensor:
     """One launch per output slice, each writing its columns of a float32 delta; added to y once."""
-    t, rank = h.shape[0], lora_bts[0].shape[1]
+    t, rank = h.shape[0], lora_bs[0].shape[2]
     delta = torch.empty(t, y.shape[1], dtype=torch.float32, device=y.device)
     h = h.float().contiguous()
     block_r = max(16, triton.next_power_of_2(min(rank, 64)))
     col = 0
-    for p, bt in enumerate(lora_bts):
-        n = bt.shape[2]
-        _lora_expand_kernel[_grid(t, n, 64)](h[:, p * rank :], bt.contiguous(), token_slots, delta[:, col:],
+    for p, b in enumerate(lora_bs):
+        n = b.shape[1]
+        _lora_expand_kernel[_grid(t, n, 64)](h[:, p * rank :], b.contiguous(), token_slots, delta[:, col:],
                                              h.shape[1], delta.shape[1], n, rank, BLOCK_N=64, BLOCK_R=block_r)
         col += n
     return y.add_(delta.to(y.dtype))

@@ -6,6 +6,8 @@ import torch
 
 RANKS = [1, 8, 16, 64, "mixed"]
 POPULARITY = ["distinct", "uniform", "zipf", "identical"]
+# the runner's layout: tokens ordered by slot, equal groups, base-model tokens last (the ops read rows in place)
+ORDERED = "slot-ordered"
 TOKENS = [1, 7, 33]
 DTYPES = [torch.float32, torch.bfloat16]
 SLOTS, IN, OUT, NNZ = 6, 48, 40, 37
@@ -20,6 +22,10 @@ def token_slots(popularity: str, t: int, gen: torch.Generator) -> torch.Tensor:
     if popularity == "zipf":
         weights = torch.tensor([1.0 / (k + 1) ** 1.5 for k in range(SLOTS + 1)])
         return torch.multinomial(weights, t, replacement=True, generator=gen) - 1
+    if popularity == ORDERED:
+        per_slot = max(1, t // SLOTS)
+        grouped = [s for s in range(SLOTS) for _ in range(per_slot)][:t]
+        return torch.tensor(grouped + [-1] * (t - len(grouped)))
     return torch.full((t,), 2)
 
 
@@ -33,7 +39,7 @@ def make_case(rank, popularity: str, t: int, dtype: torch.dtype, seed: int = 0) 
         a[s, r:] = 0
         b[s, :, r:] = 0
     scale = torch.rand(SLOTS, generator=gen) + 0.5
-    bt = b.transpose(1, 2) * scale[:, None, None]  # [S, R, out], B transposed with the LoRA scale folded in
+    scaled_b = b * scale[:, None, None]  # [S, out, R], B with the LoRA scale folded in
     g = 8
     j = torch.arange(OUT)
     first = (j % g) < g // 2
@@ -41,9 +47,9 @@ def make_case(rank, popularity: str, t: int, dtype: torch.dtype, seed: int = 0) 
     return {
         "x": torch.randn(t, IN, generator=gen).to(dtype),
         "y": torch.randn(t, OUT, generator=gen).to(dtype),
-        # a packed projection of two parts: A of both stacked on the rank axis, one scaled B^T per output slice
+        # a packed projection of two parts: A of both stacked on the rank axis, one scaled B per output slice
         "a": torch.cat([a, 0.5 * a], dim=1).to(dtype),  # [S, 2R, in]
-        "bts": tuple(part.contiguous().to(dtype) for part in bt.split(SLICES, dim=2)),  # [S, R, n_p]
+        "bs": tuple(part.contiguous().to(dtype) for part in scaled_b.split(SLICES, dim=1)),  # [S, n_p, R]
         "gain": torch.rand(SLOTS, OUT, generator=gen) + 0.5,
         "c1": torch.randn(SLOTS, OUT, generator=gen), "c2": torch.randn(SLOTS, OUT, generator=gen),
         "partner": partner,

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from coserve.kernels import adapter_ops as ops
-from tests.kernels.adapter_cases import DTYPES, NNZ, POPULARITY, RANKS, TOKENS, close, make_case
+from tests.kernels.adapter_cases import DTYPES, NNZ, ORDERED, POPULARITY, RANKS, TOKENS, close, make_case
 
-MATRIX = list(itertools.product(RANKS, POPULARITY, TOKENS, DTYPES))
+MATRIX = list(itertools.product(RANKS, POPULARITY + [ORDERED], TOKENS, DTYPES))
 
 
 @pytest.mark.parametrize("rank,popularity,t,dtype", MATRIX)
@@ -24,9 +24,9 @@ def test_cpu_fast_paths_match_references(rank, popularity, t, dtype):
     h_ref = ops.lora_shrink_ref(c["x"], c["a"], c["slots"])
     h = ops.lora_shrink(c["x"], c["a"], seg)
     assert close(h, h_ref, dtype)
-    expand_ref = ops.lora_expand_ref(c["y"], h_ref, c["bts"], c["slots"])
+    expand_ref = ops.lora_expand_ref(c["y"], h_ref, c["bs"], c["slots"])
     y = c["y"].clone()
-    assert ops.lora_expand(y, h_ref, c["bts"], seg) is y and close(y, expand_ref, dtype)  # in place
+    assert ops.lora_expand(y, h_ref, c["bs"], seg) is y and close(y, expand_ref, dtype)  # in place
     assert close(ops.dora_scale(c["y"], c["gain"], seg), ops.dora_scale_ref(c["y"], c["gain"], c["slots"]), dtype)
     road_ref = ops.road_rotate_ref(c["y"], c["c1"], c["c2"], c["partner"], c["slots"])
     assert close(ops.road_rotate(c["y"], c["c1"], c["c2"], c["partner"], seg), road_ref, dtype)
@@ -49,10 +49,10 @@ def test_lora_update_norms_equal_the_norms_of_the_expanded_updates(popularity):
     import torch
 
     c = make_case(16, popularity, 33, torch.float32)
-    bt = c["bts"][0]  # [S, R, n]: s B^T of the first slice
+    b = c["bs"][0]  # [S, n, R]: s B of the first slice
     h = ops.lora_shrink_ref(c["x"], c["a"], c["slots"])[:, :16]  # [T, R]
-    update = ops.lora_expand_ref(torch.zeros(33, bt.shape[2]), h, (bt,), c["slots"])  # [T, n]
-    norms = ops.lora_update_norms(h, bt @ bt.transpose(1, 2), c["slots"])
+    update = ops.lora_expand_ref(torch.zeros(33, b.shape[1]), h, (b,), c["slots"])  # [T, n]
+    norms = ops.lora_update_norms(h, b.transpose(1, 2) @ b, c["slots"])
     torch.testing.assert_close(norms, update.norm(dim=1), rtol=1e-5, atol=1e-5)
 
 
@@ -76,6 +76,12 @@ def test_segments_group_tokens_by_slot():
     assert seg.sorted_rows.tolist() == [2, 5, 0, 3, 4]
     values = torch.arange(5.0)[:, None]
     assert torch.equal(seg.unpad(seg.pad(values)), values)
+    assert not seg.in_order
+    ordered = ops.Segments.build(torch.tensor([0, 0, 3, 3, -1]))  # the runner's order: rows read in place
+    assert ordered.in_order and ordered.num_active == 4
+    x = torch.randn(5, 3)
+    assert ordered.gather(x).data_ptr() == x.data_ptr()
+    assert not ops.Segments.build(torch.tensor([0, 0, 3, -1])).in_order  # unequal groups are padded
     skewed = ops.Segments.build(torch.tensor([0] * 40 + list(range(1, 20))))
     assert not skewed.use_grouped  # one hot adapter among many cold ones: loop over segments
     assert ops.Segments.build(torch.tensor([-1, -1])).slots == []
@@ -92,8 +98,8 @@ for rank, pop, t, dtype in itertools.product(RANKS, POPULARITY, [1, 7], DTYPES):
     h_ref = ops.lora_shrink_ref(c["x"], c["a"], s)
     checks = {
         "lora_shrink": (tri.lora_shrink(c["x"], c["a"], s), h_ref),
-        "lora_expand": (tri.lora_expand(c["y"].clone(), h_ref, c["bts"], s),
-                        ops.lora_expand_ref(c["y"], h_ref, c["bts"], s)),
+        "lora_expand": (tri.lora_expand(c["y"].clone(), h_ref, c["bs"], s),
+                        ops.lora_expand_ref(c["y"], h_ref, c["bs"], s)),
         "dora_scale": (tri.dora_scale(c["y"], c["gain"], s), ops.dora_scale_ref(c["y"], c["gain"], s)),
         "road_rotate": (tri.road_rotate(c["y"], c["c1"], c["c2"], c["partner"], s),
                         ops.road_rotate_ref(c["y"], c["c1"], c["c2"], c["partner"], s)),
