@@ -230,6 +230,7 @@ class CausalLM(nn.Module):
             x = layer(x, cos, sin, meta, kv)
         return self.model.norm(x)
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[R, hidden] -> [R, vocab] in float32."""
-        return self.lm_head(hidden).float()
+    def logits(self, hidden: torch.Tensor, upcast: bool = True) -> torch.Tensor:
+        """[R, hidden] -> [R, vocab] in float32 (upcast) or the compute dtype."""
+        logits = self.lm_head(hidden)
+        return logits.float() if upcast else logits

@@ -112,7 +112,7 @@ class ModelRunner:
 
     def _sample(self, rows, sampling: list[int], meta: AttentionMetadata, hidden: torch.Tensor) -> RunnerOutput:
         last_rows = torch.tensor([meta.query_starts[i] + meta.query_lens[i] - 1 for i in sampling])
-        logits = self.model.logits(hidden[last_rows])  # [R, vocab] float32
+        logits = self.model.logits(hidden[last_rows], upcast=False)  # [R, vocab] compute dtype
         sample_rows = [
             SampleRow(
                 rows[i].params,

@@ -44,15 +44,19 @@ def top_k_top_p_filter(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.T
 
 
 def sample(logits: torch.Tensor, rows: list[SampleRow], default_generator: torch.Generator) -> list[SampledToken]:
-    """logits [R, V] float32, one row per sampling sequence -> one SampledToken per row."""
+    """logits [R, V] (float32 or the model's compute dtype), one row per sampling sequence -> one
+    SampledToken per row. Log-probabilities, penalties and sampling run in float32; a greedy choice
+    without penalties takes the argmax as is (exact: the upcast keeps every value and their order)."""
     want_logprobs = [r.params.logprobs is not None for r in rows]
-    raw_logprobs = logits.log_softmax(-1) if any(want_logprobs) else None  # of the model's raw distribution
-    logits = apply_penalties(logits.clone(), rows)
+    # of the model's raw distribution
+    raw_logprobs = logits.float().log_softmax(-1) if any(want_logprobs) else None
+    if any(r.params.presence_penalty or r.params.frequency_penalty for r in rows):
+        logits = apply_penalties(logits.to(torch.float32, copy=True), rows)
     chosen = logits.argmax(-1)  # [R] greedy choice
     random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
     if random_rows:
         idx = torch.tensor(random_rows)
-        sub = logits[idx] / torch.tensor([rows[i].params.temperature for i in random_rows])[:, None]
+        sub = logits[idx].float() / torch.tensor([rows[i].params.temperature for i in random_rows])[:, None]
         top_k = torch.tensor([rows[i].params.top_k for i in random_rows])
         top_p = torch.tensor([rows[i].params.top_p for i in random_rows], dtype=sub.dtype)
         probs = top_k_top_p_filter(sub, top_k, top_p).softmax(-1)  # [Rr, V]

@@ -63,6 +63,21 @@ def test_seeded_sampling_is_reproducible_and_greedy_is_argmax():
         assert [a.token_id for a in t.top_logprobs] == lp[i].topk(2).indices.tolist()
 
 
+def test_compute_dtype_logits_sample_as_their_float32_upcast():
+    """The runner hands over bfloat16 logits: every kind of row must sample as from the exact upcast."""
+    logits = (torch.randn(4, 300, generator=torch.Generator().manual_seed(2)) * 4).bfloat16()
+    kinds = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.0, logprobs=3),
+             SamplingParams(temperature=0.0, presence_penalty=1.5, frequency_penalty=0.5),
+             SamplingParams(temperature=0.9, top_k=20, seed=3)]
+
+    def run(values):
+        rows = [SampleRow(p, [int(values[i].argmax())] * 2, torch.Generator().manual_seed(3))
+                for i, p in enumerate(kinds)]
+        return sample(values, rows, torch.Generator().manual_seed(0))
+
+    assert run(logits) == run(logits.float())
+
+
 def test_sampling_distribution_follows_temperature():
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
     params = SamplingParams(temperature=0.5)

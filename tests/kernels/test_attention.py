@@ -15,12 +15,13 @@ from coserve.kernels.attention import AttentionMetadata, paged_attention, paged_
     ([21], [1]),  # a lone decode (its own fast path)
     ([0, 40], [9, 1]),  # one decode beside a prompt
 ])
-def test_paged_attention_matches_reference(dtype, tol, heads, kv_heads, block_size, starts, qlens):
+@pytest.mark.parametrize("consecutive", [False, True])  # blocks handed out in order: a lone decode reads a view
+def test_paged_attention_matches_reference(dtype, tol, heads, kv_heads, block_size, starts, qlens, consecutive):
     gen = torch.Generator().manual_seed(0)
     d, num_blocks = 16, 64
     k_cache = torch.zeros(num_blocks, block_size, kv_heads, d, dtype=dtype)
     v_cache = torch.zeros_like(k_cache)
-    free = torch.randperm(num_blocks, generator=gen).tolist()
+    free = list(range(num_blocks))[::-1] if consecutive else torch.randperm(num_blocks, generator=gen).tolist()
     tables = []
     for s, q in zip(starts, qlens):
         n = -(-(s + q) // block_size)
@@ -32,6 +33,8 @@ def test_paged_attention_matches_reference(dtype, tol, heads, kv_heads, block_si
             write_kv(k_cache, v_cache, torch.randn(s, kv_heads, d, generator=gen).to(dtype),
                      torch.randn(s, kv_heads, d, generator=gen).to(dtype), pre.slot_mapping)
     meta = AttentionMetadata.build(qlens, starts, tables, block_size)
+    if qlens.count(1) == 1:
+        assert (meta.lone_decode_start is not None) == consecutive
     t = sum(qlens)
     k_new = torch.randn(t, kv_heads, d, generator=gen).to(dtype)
     v_new = torch.randn(t, kv_heads, d, generator=gen).to(dtype)
