@@ -117,8 +117,11 @@ def main() -> None:
     args = ap.parse_args()
     model = args.model or str(demo_checkpoint("small"))
     counts = [int(c) for c in args.adapters.split(",")]
+    # every run sends the same prompts: without prefix caching each run computes its prefill (with it, a base
+    # run right after another would reuse its blocks while adapter runs, keyed by adapter, would not)
     engine = LLMEngine(EngineConfig(model=model, max_num_seqs=args.requests, max_batch_tokens=512,
-                                    kv_cache_memory=1 << 30, max_loras=args.requests, max_cpu_loras=256))
+                                    kv_cache_memory=1 << 30, max_loras=args.requests, max_cpu_loras=256,
+                                    enable_prefix_caching=False))
     shape = base_shape(engine.model)
     root = RESULTS / "adapters"
     prompts = requests(args.requests, args.prompt_len, engine.model.config.vocab_size)
