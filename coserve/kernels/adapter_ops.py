@@ -81,6 +81,14 @@ class Segments:
             return out
         return out.index_copy_(0, self.sorted_rows, values)
 
+    def scatter(self, values: torch.Tensor, rest: torch.Tensor | None) -> torch.Tensor:
+        """[T', F] in slot order -> [T, F] holding values at the active rows and rest's rows (zeros when
+        rest is None) elsewhere; values itself when the active rows are every row, in order."""
+        t = self.token_slots.numel()
+        if self.num_active == t:
+            return values if self.in_order else self.put(values.new_empty(t, values.shape[1]), values)
+        return self.put(values.new_zeros(t, values.shape[1]) if rest is None else rest.clone(), values)
+
     def add(self, out: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """out[active rows] += values [T', F] (slot order), in place; returns out."""
         if self.in_order:
@@ -173,14 +181,11 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, seg: Segments) -> torch.T
     t, width = x.shape[0], lora_a.shape[1]
     if not seg.slots:
         return torch.zeros(t, width)
-    every_row = seg.num_active == t
     if seg.use_grouped:  # [S', G, in] @ [S', in, R]: each slot's A read once
         a = seg.group_weights(lora_a)  # [S', R, in]
         h = seg.unpad(torch.bmm(seg.pad(seg.gather(x).to(a.dtype)), a.transpose(1, 2))).float()  # [T', R]
-        if seg.in_order and every_row:
-            return h
-        return seg.put(torch.empty(t, width) if every_row else torch.zeros(t, width), h)
-    out = torch.empty(t, width) if every_row else torch.zeros(t, width)
+        return seg.scatter(h, None)
+    out = torch.empty(t, width) if seg.num_active == t else torch.zeros(t, width)
     for s, seg_rows in zip(seg.slots, seg.rows):  # SGMV: one matmul per slot's token segment
         out.index_copy_(0, seg_rows, (x.index_select(0, seg_rows).to(lora_a.dtype) @ lora_a[s].T).float())
     return out
@@ -235,9 +240,7 @@ def dora_scale(y: torch.Tensor, gain: torch.Tensor, seg: Segments) -> torch.Tens
     if seg.use_grouped:
         yp = seg.pad(seg.gather(y).float())  # [S', G, out]
         scaled = seg.unpad(yp * seg.group_weights(gain).float()[:, None]).to(y.dtype)  # [T', out]
-        if seg.in_order and seg.num_active == y.shape[0]:
-            return scaled
-        return seg.put(torch.empty_like(y) if seg.num_active == y.shape[0] else y.clone(), scaled)
+        return seg.scatter(scaled, y)
     out = y.clone()
     rows = seg.active_rows
     scaled = y.index_select(0, rows).float() * gain.index_select(0, seg.active_slots).float()
@@ -279,9 +282,7 @@ def road_rotate(
         paired = _swap_halves(yp, group_size) if group_size else \
             torch.gather(yp, 2, seg.group_weights(partner)[:, None].expand_as(yp))
         rotated = seg.unpad((yp * c1s).addcmul_(paired, c2s)).to(y.dtype)  # [T', out]
-        if seg.in_order and seg.num_active == y.shape[0]:
-            return rotated
-        return seg.put(torch.empty_like(y) if seg.num_active == y.shape[0] else y.clone(), rotated)
+        return seg.scatter(rotated, y)
     rows, slots = seg.active_rows, seg.active_slots
     every_row = rows.numel() == y.shape[0]
     ya = y if every_row else y.index_select(0, rows)  # [T', out]
@@ -389,7 +390,7 @@ def sparse_delta(
             xp = seg.pad(seg.gather(x).float())  # [W, G, in]
             y = blocks.matrix(lo, hi) @ xp.transpose(1, 2).reshape(-1, g)  # [W * out, G]
             y = y.view(hi - lo, out_features, g).transpose(1, 2)  # [W, G, out]
-            return seg.put(torch.zeros(x.shape[0], out_features, dtype=x.dtype), seg.unpad(y).to(x.dtype))
+            return seg.scatter(seg.unpad(y).to(x.dtype), None)
         xt = x.float().T.contiguous()  # [in, T]; the sparse matmul is about twice as fast on contiguous columns
         out_t = torch.zeros(out_features, x.shape[0], dtype=torch.float32)  # [out, T]
         for s, tok in zip(seg.slots, seg.rows):

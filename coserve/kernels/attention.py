@@ -41,10 +41,9 @@ class AttentionMetadata:
     decode_context_lens: torch.Tensor  # [Sd] int64
     decode_block_tables: torch.Tensor  # [Sd, max_blocks] int64
     decode_mask: torch.Tensor  # [Sd, 1, 1, max_blocks * block_size] bool: cached positions to attend
-    # When Sd == 1: the context's cache slots [ctx], or None when they are the consecutive run from
-    # lone_decode_start (the sequence's blocks are consecutive in the pool: the context is a view)
-    lone_decode_slots: torch.Tensor | None = None
-    lone_decode_start: int | None = None
+    # When Sd == 1: the context's cache slots, an index into the flat cache [NB * BS, Hkv, D]: a slice
+    # when the sequence's blocks are consecutive in the pool (the context is a view), else a [ctx] tensor
+    lone_decode_context: slice | torch.Tensor | None = None
 
     @classmethod
     def build(
@@ -68,15 +67,15 @@ class AttentionMetadata:
         decode_idx = torch.tensor(decode, dtype=torch.long)
         decode_ctx = torch.tensor([context_lens[i] for i in decode], dtype=torch.long)
         decode_mask = torch.arange(max_blocks * block_size) < decode_ctx[:, None]
-        lone_slots, lone_start = None, None
+        lone_context = None
         if len(decode) == 1:
             ctx, table = context_lens[decode[0]], block_tables[decode[0]]
             used = table[: -(-ctx // block_size)]
             if used == list(range(used[0], used[0] + len(used))):  # consecutive blocks: a slice of the cache
-                lone_start = used[0] * block_size
+                lone_context = slice(used[0] * block_size, used[0] * block_size + ctx)
             else:
                 positions = torch.arange(ctx)
-                lone_slots = tables[decode[0]][positions // block_size] * block_size + positions % block_size
+                lone_context = tables[decode[0]][positions // block_size] * block_size + positions % block_size
         return cls(
             slot_mapping=torch.tensor(slots, dtype=torch.long),
             query_starts=query_starts,
@@ -88,8 +87,7 @@ class AttentionMetadata:
             decode_context_lens=decode_ctx,
             decode_block_tables=tables[decode_idx],
             decode_mask=decode_mask[:, None, None, :],
-            lone_decode_slots=lone_slots,
-            lone_decode_start=lone_start,
+            lone_decode_context=lone_context,
         )
 
 
@@ -144,13 +142,8 @@ def _lone_decode(
     Gathering and converting the context to float32 first cost up to 4x more (at 2,000 positions)."""
     num_heads, d = q.shape
     num_kv = k_cache.shape[2]
-    if meta.lone_decode_start is not None:
-        ctx = meta.context_lens[int(meta.decode_seqs[0])]
-        k = k_cache.view(-1, num_kv, d)[meta.lone_decode_start : meta.lone_decode_start + ctx]  # [ctx, Hkv, D]
-        v = v_cache.view(-1, num_kv, d)[meta.lone_decode_start : meta.lone_decode_start + ctx]
-    else:
-        k = k_cache.view(-1, num_kv, d).index_select(0, meta.lone_decode_slots)
-        v = v_cache.view(-1, num_kv, d).index_select(0, meta.lone_decode_slots)
+    k = k_cache.view(-1, num_kv, d)[meta.lone_decode_context]  # [ctx, Hkv, D]: a view or a gather
+    v = v_cache.view(-1, num_kv, d)[meta.lone_decode_context]
     qd = q.view(1, num_kv, num_heads // num_kv, d).to(k.dtype)  # [1, Hkv, G, D]
     out = F.scaled_dot_product_attention(qd, k.transpose(0, 1)[None], v.transpose(0, 1)[None], scale=scale)
     return out.view(num_heads, d).to(q.dtype)

@@ -34,7 +34,7 @@ def test_paged_attention_matches_reference(dtype, tol, heads, kv_heads, block_si
                      torch.randn(s, kv_heads, d, generator=gen).to(dtype), pre.slot_mapping)
     meta = AttentionMetadata.build(qlens, starts, tables, block_size)
     if qlens.count(1) == 1:
-        assert (meta.lone_decode_start is not None) == consecutive
+        assert isinstance(meta.lone_decode_context, slice) == consecutive
     t = sum(qlens)
     k_new = torch.randn(t, kv_heads, d, generator=gen).to(dtype)
     v_new = torch.randn(t, kv_heads, d, generator=gen).to(dtype)
