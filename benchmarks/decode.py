@@ -1,6 +1,7 @@
 """Decode speed of the quantized base: tokens/s and weight bytes for none / int8 / int4 at
 batch 1 and 16 on demo-small, with the batch-1 roofline (weight bytes read per token against
-the measured memory-copy bandwidth).
+the measured memory-copy bandwidth). The row `none-unpacked` runs bfloat16 through plain F.linear
+(`prepack_weights=False`), the path before the oneDNN weight packing, for comparison.
 
     python benchmarks/decode.py [--steps 32] [--model DIR]
 """
@@ -62,9 +63,11 @@ def main() -> None:
     args = ap.parse_args()
     model = args.model or str(demo_checkpoint("small"))
     bandwidth = copy_bandwidth()
-    modes = ("none", "int8", "int4")
-    engines = {mode: LLMEngine(EngineConfig(model=model, quantize=mode, dtype="bfloat16",
-                                            kv_cache_memory=256 * 2**20, max_num_seqs=16)) for mode in modes}
+    settings = {"none": ("none", True), "none-unpacked": ("none", False), "int8": ("int8", True),
+                "int4": ("int4", True)}  # row -> (quantize, prepack_weights)
+    engines = {mode: LLMEngine(EngineConfig(model=model, quantize=q, prepack_weights=prepack, dtype="bfloat16",
+                                            kv_cache_memory=256 * 2**20, max_num_seqs=16))
+               for mode, (q, prepack) in settings.items()}
     best: dict[tuple[str, int], float] = {}
     for _ in range(args.trials):  # interleaved, so a slow spell of the machine hits every mode alike
         for batch in (1, 16):
@@ -87,6 +90,10 @@ def main() -> None:
         "copy_bandwidth_GBps": round(bandwidth / 1e9, 2),
         "int4_vs_bf16_batch1_speedup": round(by["int4", 1]["tokens_per_s"] / by["none", 1]["tokens_per_s"], 2),
         "int8_vs_bf16_batch1_speedup": round(by["int8", 1]["tokens_per_s"] / by["none", 1]["tokens_per_s"], 2),
+        "int4_vs_unpacked_bf16_batch1_speedup": round(by["int4", 1]["tokens_per_s"]
+                                                      / by["none-unpacked", 1]["tokens_per_s"], 2),
+        "packed_vs_unpacked_bf16_batch1_speedup": round(by["none", 1]["tokens_per_s"]
+                                                        / by["none-unpacked", 1]["tokens_per_s"], 2),
         "int4_linear_weight_ratio": round(by["int4", 1]["linear_MiB"] / by["none", 1]["linear_MiB"], 3),
         "int8_linear_weight_ratio": round(by["int8", 1]["linear_MiB"] / by["none", 1]["linear_MiB"], 3),
     }

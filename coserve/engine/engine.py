@@ -16,6 +16,7 @@ from coserve.adapters.types import LoadedAdapter
 from coserve.engine.adapter_runtime import AdapterRuntime
 from coserve.engine.detokenizer import IncrementalDetokenizer
 from coserve.engine.loader import checkpoint_fingerprint, load_model
+from coserve.engine.packed_linear import pack_linears
 from coserve.engine.quantize import QuantizeReport, quantize_model
 from coserve.engine.runner import KVCacheLayout, ModelRunner, allocate_kv_cache, plan_kv_cache
 from coserve.engine.stats import RequestStats, StatsListener, StepStats
@@ -39,6 +40,7 @@ class EngineConfig:
     dtype: str = "bfloat16"  # compute dtype: bfloat16 | float32
     quantize: str = "none"  # none | int8 | int4
     int4_group_size: int = 128
+    prepack_weights: bool = True  # 16-bit linears left after quantization run from oneDNN-packed weights (CPU)
     kv_cache_memory: int = 512 * 2**20  # bytes for the paged KV pool
     block_size: int = 16
     max_num_seqs: int = 64
@@ -104,6 +106,7 @@ class LLMEngine:
         self.tokenizer = ModelTokenizer.from_dir(config.model)
         self.model = load_model(config.model, dtype)
         self.quantize_report = quantize_model(self.model, config.quantize, config.int4_group_size)
+        self.num_packed_linears = pack_linears(self.model) if config.prepack_weights else 0
         mc = self.model.config
         max_len = config.max_model_len or min(mc.max_position_embeddings, 8192)
         layout = plan_kv_cache(mc, config.kv_cache_memory, config.block_size, dtype)
