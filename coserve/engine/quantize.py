@@ -35,13 +35,12 @@ class Int8Linear(nn.Module):
         return self.qweight.float() * self.scales.float()[:, None]  # [N, K] float32
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, self.in_features)  # [M, K]
+        x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)  # [M, K]
         scales = self.scales if self.scales.dtype == x.dtype else self.scales.to(x.dtype)
         y = torch._weight_int8pack_mm(x2, self.qweight, scales)  # [M, N]
         if self.bias is not None:
             y = y + self.bias
-        return y.reshape(*shape[:-1], self.out_features)
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
 
 
 class Int4Linear(nn.Module):
@@ -74,8 +73,7 @@ class Int4Linear(nn.Module):
         return ((q - 8.0) * sz[..., :1] + sz[..., 1:]).reshape(self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, self.in_features)  # [M, K]
+        x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)  # [M, K]
         sz = self.scales_and_zeros if self.scales_and_zeros.dtype == x.dtype else self.scales_and_zeros.to(x.dtype)
         if self.on_cuda:
             y = torch._weight_int4pack_mm(x2, self.qweight, self.group_size, sz)
@@ -83,7 +81,7 @@ class Int4Linear(nn.Module):
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.qweight, self.group_size, sz)
         if self.bias is not None:
             y = y + self.bias
-        return y.reshape(*shape[:-1], self.out_features)
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
 
 
 @dataclass

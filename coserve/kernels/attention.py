@@ -96,8 +96,10 @@ def write_kv(
 ) -> None:
     """Store new K/V rows ([T, Hkv, D]) at their cache slots ([T])."""
     num_blocks, block_size, hkv, d = k_cache.shape
-    k_cache.view(num_blocks * block_size, hkv, d).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
-    v_cache.view(num_blocks * block_size, hkv, d).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+    if k.dtype != k_cache.dtype:
+        k, v = k.to(k_cache.dtype), v.to(v_cache.dtype)
+    k_cache.view(num_blocks * block_size, hkv, d).index_copy_(0, slot_mapping, k)
+    v_cache.view(num_blocks * block_size, hkv, d).index_copy_(0, slot_mapping, v)
 
 
 def _gather_context(cache: torch.Tensor, table: torch.Tensor, length: int) -> torch.Tensor:
@@ -144,9 +146,12 @@ def _lone_decode(
     num_kv = k_cache.shape[2]
     k = k_cache.view(-1, num_kv, d)[meta.lone_decode_context]  # [ctx, Hkv, D]: a view or a gather
     v = v_cache.view(-1, num_kv, d)[meta.lone_decode_context]
-    qd = q.view(1, num_kv, num_heads // num_kv, d).to(k.dtype)  # [1, Hkv, G, D]
+    qd = q.view(1, num_kv, num_heads // num_kv, d)  # [1, Hkv, G, D]
+    if qd.dtype != k.dtype:
+        qd = qd.to(k.dtype)
     out = F.scaled_dot_product_attention(qd, k.transpose(0, 1)[None], v.transpose(0, 1)[None], scale=scale)
-    return out.view(num_heads, d).to(q.dtype)
+    out = out.view(num_heads, d)
+    return out if out.dtype == q.dtype else out.to(q.dtype)
 
 
 def paged_attention(
