@@ -43,6 +43,12 @@ def top_k_top_p_filter(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.T
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)
 
 
+def greedy_choice(logits: torch.Tensor) -> torch.Tensor:
+    """[R, V] -> [R]: each row's first maximal index (as argmax). For bfloat16 and float16 through max(),
+    which PyTorch's CPU kernels vectorize while argmax does not (64 x 49,152 bf16 logits: 1.0 vs 5.8 ms)."""
+    return logits.argmax(-1) if logits.dtype == torch.float32 else logits.max(-1).indices
+
+
 def sample(logits: torch.Tensor, rows: list[SampleRow], default_generator: torch.Generator) -> list[SampledToken]:
     """logits [R, V] (float32 or the model's compute dtype), one row per sampling sequence -> one
     SampledToken per row. Log-probabilities, penalties and sampling run in float32; a greedy choice
@@ -52,7 +58,7 @@ def sample(logits: torch.Tensor, rows: list[SampleRow], default_generator: torch
     raw_logprobs = logits.float().log_softmax(-1) if any(want_logprobs) else None
     if any(r.params.presence_penalty or r.params.frequency_penalty for r in rows):
         logits = apply_penalties(logits.to(torch.float32, copy=True), rows)
-    chosen = logits.argmax(-1)  # [R] greedy choice
+    chosen = greedy_choice(logits)  # [R]
     random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
     if random_rows:
         idx = torch.tensor(random_rows)

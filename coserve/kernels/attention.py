@@ -126,14 +126,14 @@ def paged_attention_ref(
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
-    """Grouped attention, eager style: q k^T in the compute dtype, softmax in float32.
+    """Grouped attention: each KV head's G query heads (times Q rows) as G*Q queries of one SDPA call,
+    in the compute dtype (SDPA's CPU kernel accumulates in float32).
 
     q [B, Hkv, G*Q, D], k and v [B, Hkv, L, D], mask broadcastable to [B, Hkv, G*Q, L] (True = attend)
-    -> [B, Hkv, G*Q, D]. On the CPU this beats SDPA's masked path by 2-10x for batched decode.
-    """
-    scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale
-    probs = scores.masked_fill(~mask, float("-inf")).softmax(-1).to(v.dtype)
-    return torch.matmul(probs, v)
+    -> [B, Hkv, G*Q, D]. Folding the group into the query axis keeps K and V as gathered (no repeat per
+    query head); for 64 decodes at 128-512 positions this runs 2-4x faster than q k^T by matmul, whose
+    strided K^T was copied every layer."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
 def _lone_decode(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from coserve.engine.sampler import SampleRow, apply_penalties, sample, top_k_top_p_filter
+from coserve.engine.sampler import SampleRow, apply_penalties, greedy_choice, sample, top_k_top_p_filter
 from coserve.scheduler.request import SamplingParams
 
 
@@ -76,6 +76,15 @@ def test_compute_dtype_logits_sample_as_their_float32_upcast():
         return sample(values, rows, torch.Generator().manual_seed(0))
 
     assert run(logits) == run(logits.float())
+
+
+def test_greedy_choice_is_the_first_maximum_in_every_dtype():
+    """bf16/fp16 logits go through max() (faster on the CPU): ties and NaN must resolve as float32 argmax."""
+    gen = torch.Generator().manual_seed(4)
+    values = torch.randint(0, 4, (64, 49_152), generator=gen).float()  # many tied maxima per row
+    values[3, 100] = float("nan")
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        assert torch.equal(greedy_choice(values.to(dtype)), values.argmax(-1)), dtype
 
 
 def test_sampling_distribution_follows_temperature():
