@@ -66,6 +66,7 @@ class ServeSettings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535, description="port to listen on")
     quantize: Literal["none", "int8", "int4"] = Field("none", description="weight-only quantization of the base")
     int4_group_size: Literal[32, 64, 128] = Field(128, description="int4 group size")
+    prepack_weights: bool = Field(True, description="run 16-bit linears from oneDNN-packed weights (CPU)")
     dtype: Literal["bfloat16", "float32"] = Field("bfloat16", description="compute dtype")
     data_dir: Path = Field(Path("data"), description="where the demo model and local state live")
     max_model_len: int | None = Field(None, ge=16, description="context window (default: the model's, <= 8192)")
@@ -155,6 +156,7 @@ class ServeSettings(BaseSettings):
             dtype=self.dtype,
             quantize=self.quantize,
             int4_group_size=self.int4_group_size,
+            prepack_weights=self.prepack_weights,
             kv_cache_memory=self.kv_cache_memory,
             block_size=self.block_size,
             max_num_seqs=self.max_num_seqs,

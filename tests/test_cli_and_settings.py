@@ -27,6 +27,9 @@ def test_settings_precedence(tmp_path, monkeypatch):
     assert s.quantize == "int4"  # flag beats both
     assert s.kv_cache_memory == 2**30
     assert ServeSettings.load(None).host == "127.0.0.1"
+    monkeypatch.setenv("COSERVE_PREPACK_WEIGHTS", "false")
+    assert ServeSettings.load(cfg).engine_config("m").prepack_weights is False
+    assert ServeSettings.load(None, prepack_weights=True).engine_config("m").prepack_weights is True
 
 
 def test_settings_reject_bad_values(tmp_path):

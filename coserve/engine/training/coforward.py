@@ -47,8 +47,8 @@ class FrozenBaseGrad(torch.autograd.Function):
 
 def compute_weight(linear: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     """The base weight [out, in] in the compute dtype: the parameter itself when the base is not quantized
-    (no copy), else dequantized (bf16 matmuls are several times faster than float32 ones on CPUs with
-    AVX512-BF16/AMX)."""
+    (no copy), unpacked from a pre-packed linear, else dequantized (bf16 matmuls are several times faster
+    than float32 ones on CPUs with AVX512-BF16/AMX)."""
     if hasattr(linear, "plain_weight"):  # a pre-packed linear (PackedLinear)
         return linear.plain_weight(dtype)
     weight = getattr(linear, "weight", None)
