@@ -89,7 +89,7 @@ def pack_linears(model: nn.Module) -> int:
                 continue
             if not packing_available(child.weight.dtype):
                 continue
-            plain = tied if tied is not None and child.weight is tied else None
-            setattr(module, child_name, PackedLinear(child, plain=None if plain is None else plain.detach()))
+            plain = tied.detach() if tied is not None and child.weight is tied else None
+            setattr(module, child_name, PackedLinear(child, plain=plain))
             done += 1
     return done

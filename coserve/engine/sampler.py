@@ -52,7 +52,8 @@ def greedy_choice(logits: torch.Tensor) -> torch.Tensor:
 def sample(logits: torch.Tensor, rows: list[SampleRow], default_generator: torch.Generator) -> list[SampledToken]:
     """logits [R, V] (float32 or the model's compute dtype), one row per sampling sequence -> one
     SampledToken per row. Log-probabilities, penalties and sampling run in float32; a greedy choice
-    without penalties takes the argmax as is (exact: the upcast keeps every value and their order)."""
+    without penalties picks from the logits as they are (greedy_choice; exact: the upcast keeps every
+    value and their order)."""
     want_logprobs = [r.params.logprobs is not None for r in rows]
     # of the model's raw distribution
     raw_logprobs = logits.float().log_softmax(-1) if any(want_logprobs) else None
