@@ -276,28 +276,31 @@ def road_rotate(
         return _triton().road_rotate(y, c1, c2, partner, seg.token_slots)
     if not seg.slots:
         return y
+    # float32 arithmetic, one rounding. y is cast to float32 first: a bf16 x float32 product takes
+    # PyTorch's per-element casting loop on the CPU (3072-wide, 64 rows: 640 us against 88 us cast first)
     if seg.use_grouped:  # each slot's tables read once and broadcast over its tokens
-        yp = seg.pad(seg.gather(y))  # [S', G, out]
+        yp = seg.pad(seg.gather(y)).to(torch.float32, copy=True)  # [S', G, out], never a view of y
         c1s, c2s = seg.group_weights(c1)[:, None], seg.group_weights(c2)[:, None]
         paired = _swap_halves(yp, group_size) if group_size else \
             torch.gather(yp, 2, seg.group_weights(partner)[:, None].expand_as(yp))
-        rotated = seg.unpad((yp * c1s).addcmul_(paired, c2s)).to(y.dtype)  # [T', out]
+        rotated = seg.unpad(yp.mul_(c1s).addcmul_(paired, c2s)).to(y.dtype)  # [T', out]
         return seg.scatter(rotated, y)
     rows, slots = seg.active_rows, seg.active_slots
     every_row = rows.numel() == y.shape[0]
-    ya = y if every_row else y.index_select(0, rows)  # [T', out]
+    ya = (y if every_row else y.index_select(0, rows)).to(torch.float32, copy=True)  # [T', out]
     c1s, c2s = c1.index_select(0, slots), c2.index_select(0, slots)  # [T', out] float32
     paired = _swap_halves(ya, group_size) if group_size else torch.gather(ya, 1, partner.index_select(0, slots))
-    rotated = (ya * c1s).addcmul_(paired, c2s).to(y.dtype)  # float32 arithmetic, one rounding
+    rotated = ya.mul_(c1s).addcmul_(paired, c2s).to(y.dtype)
     if every_row:
         return rotated
     return y.clone().index_copy_(0, rows, rotated)
 
 
 def _swap_halves(y: torch.Tensor, g: int) -> torch.Tensor:
-    """[..., out] -> the same with the two halves of every aligned group of g columns swapped."""
+    """[..., out] -> the same with the two halves of every aligned group of g columns swapped: a roll by g/2
+    within each group (2.5-3.5x faster than flip's indexed copy on the CPU)."""
     lead = y.shape[:-1]
-    return y.reshape(*lead, -1, 2, g // 2).flip(-2).reshape(*lead, y.shape[-1])
+    return y.reshape(*lead, -1, g).roll(g // 2, -1).reshape(*lead, y.shape[-1])
 
 
 # ---------------------------------------------------------------- SHiRA sparse delta
