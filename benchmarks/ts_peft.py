@@ -4,7 +4,8 @@ The task: sequences that follow a fixed random permutation of 64 tokens (t[i+1] 
 steps replaced by a random token), loss on every token after the first. Train on 192 sequences,
 validate on 64 others. For dense LoRA and target sparsity 0.3 / 0.5 / 0.7: final training loss,
 validation loss (after the last epoch, and the best after any epoch), the share of token updates
-skipped, and training tokens/s (fine-tuning alone; round-robin timing runs, median).
+skipped, and training tokens/s (fine-tuning alone; round-robin timing runs, median). TS rows use the
+default shared threshold; one more row runs 0.5 with a threshold per module.
 
     python -m benchmarks.ts_peft [--sizes tiny,small] [--epochs 30] [--lr 1e-2] [--rounds 3]
 """
@@ -35,8 +36,9 @@ def task(vocab: int, count: int, length: int, seed: int, rng_seed: int) -> list[
     return samples
 
 
-def spec(sparsity: float | None, args, train, valid, epochs: int, validate_every: int) -> TrainingJobSpec:
-    adapter = AdapterSpec("LORA", r=16, lora_alpha=32, target_sparsity=sparsity)
+def spec(sparsity: float | None, args, train, valid, epochs: int, validate_every: int,
+         shared: bool = True) -> TrainingJobSpec:
+    adapter = AdapterSpec("LORA", r=16, lora_alpha=32, target_sparsity=sparsity, shared_threshold=shared)
     return TrainingJobSpec(f"ts-{sparsity}", "demo", adapter, train, valid, n_epochs=epochs, batch_size=8,
                            learning_rate=args.lr, seed=0, checkpoint_every=validate_every, microbatch_tokens=512)
 
@@ -50,27 +52,27 @@ def train(engine: LLMEngine, job: TrainingJobSpec) -> tuple[list, float]:
     return events, time.perf_counter() - start
 
 
-def quality(engine: LLMEngine, sparsity: float | None, args, train_set, valid_set) -> dict:
+def quality(engine: LLMEngine, sparsity: float | None, shared: bool, args, train_set, valid_set) -> dict:
     """One run with validation after every epoch: final and best validation loss."""
     steps_per_epoch = -(-len(train_set) // 8)
-    events, _ = train(engine, spec(sparsity, args, train_set, valid_set, args.epochs, steps_per_epoch))
+    events, _ = train(engine, spec(sparsity, args, train_set, valid_set, args.epochs, steps_per_epoch, shared))
     steps = [e.data for e in events if e.kind == "metrics" and "train_loss" in e.data]
     valid = [e.data["valid_loss"] for e in events if e.kind == "metrics" and "valid_loss" in e.data]
     late = steps[len(steps) // 2 :]
-    return {"method": "dense LoRA" if sparsity is None else f"TS-LoRA {sparsity}",
+    return {"method": "dense LoRA" if sparsity is None else f"TS-LoRA {sparsity}" + ("" if shared else " per module"),
             "train_loss": round(sum(s["train_loss"] for s in steps[-4:]) / len(steps[-4:]), 4),
             "valid_loss": round(valid[-1], 4), "best_valid": round(min(valid), 4),
             "best_epoch": valid.index(min(valid)) + 1,
             "skipped": round(sum(s["token_sparsity"] for s in late) / len(late), 3)}
 
 
-def speeds(engine: LLMEngine, sparsities: list, args, train_set) -> list[float]:
+def speeds(engine: LLMEngine, configs: list[tuple[float | None, bool]], args, train_set) -> list[float]:
     """Training tokens/s per configuration: the median of `rounds` runs taken in turn (no validation,
     no checkpoints), so drift of the machine's speed hits every configuration alike."""
-    samples: list[list[float]] = [[] for _ in sparsities]
+    samples: list[list[float]] = [[] for _ in configs]
     for _ in range(args.rounds):
-        for i, sparsity in enumerate(sparsities):
-            events, seconds = train(engine, spec(sparsity, args, train_set, [], args.timing_epochs, 10**6))
+        for i, (sparsity, shared) in enumerate(configs):
+            events, seconds = train(engine, spec(sparsity, args, train_set, [], args.timing_epochs, 10**6, shared))
             done = next(e for e in events if e.kind == "succeeded")
             samples[i].append(done.data["trained_tokens"] / seconds)
     return [statistics.median(s) for s in samples]
@@ -85,15 +87,15 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     results = {}
-    sparsities = [None, 0.3, 0.5, 0.7]
+    configs = [(None, True), (0.3, True), (0.5, True), (0.7, True), (0.5, False)]  # (target sparsity, shared tau)
     for size in args.sizes.split(","):
         model = str(demo_checkpoint(size))
         engine = LLMEngine(EngineConfig(model=model, max_batch_tokens=1024, kv_cache_memory=1 << 26))
         vocab = engine.model.config.vocab_size
         train_set, valid_set = task(vocab, 192, 32, 7, 1), task(vocab, 64, 32, 7, 2)
         train(engine, spec(None, argparse.Namespace(lr=args.lr), train_set[:16], valid_set[:8], 1, 10**6))  # warm-up
-        rows = [quality(engine, s, args, train_set, valid_set) for s in sparsities]
-        for row, tok_s in zip(rows, speeds(engine, sparsities, args, train_set)):
+        rows = [quality(engine, s, shared, args, train_set, valid_set) for s, shared in configs]
+        for row, tok_s in zip(rows, speeds(engine, configs, args, train_set)):
             row["train_tok_s"] = round(tok_s, 1)
         dense = rows[0]
         for row in rows:

@@ -190,13 +190,15 @@ def _wait(client: Client, job_id: str) -> Job:
               help="'all-linear', 'auto' (a probe ranks modules; needs --parameter-budget) or q_proj,v_proj,...")
 @click.option("--parameter-budget", type=int, default=None, help="with --target-modules auto")
 @click.option("--token-sparsity", type=float, default=None, help="TS-PEFT: share of token updates to skip")
+@click.option("--token-threshold", type=click.Choice(["shared", "per_module"]), default="shared", show_default=True,
+              help="TS-PEFT: one threshold over every module, or each module skipping --token-sparsity")
 @click.option("--seed", type=int, default=None)
 @click.option("--wait", is_flag=True, help="wait for the job, with a progress bar")
 @_options
 def finetune_create(client: Client, as_json: bool, model: str, train_path: str | None, training_file: str | None,
                     valid_path: str | None, suffix: str | None, n_epochs: str, batch_size: str, lr_multiplier: str,
                     peft_type: str, r: int, target_modules: str, parameter_budget: int | None,
-                    token_sparsity: float | None, seed: int | None, wait: bool) -> None:
+                    token_sparsity: float | None, token_threshold: str, seed: int | None, wait: bool) -> None:
     """Start a fine-tuning job (uploading the files given as paths)."""
     if (train_path is None) == (training_file is None):
         raise click.UsageError("give exactly one of --file and --training-file")
@@ -210,7 +212,7 @@ def finetune_create(client: Client, as_json: bool, model: str, train_path: str |
                                     n_epochs=number(n_epochs), batch_size=number(batch_size),
                                     learning_rate_multiplier=number(lr_multiplier),
                                     adapter=_adapter_block(peft_type, r, target_modules, parameter_budget,
-                                                           token_sparsity))
+                                                           token_sparsity, token_threshold))
     if wait:
         job = _wait(client, job.id)
     _emit(job, as_json, _job_line(job))
@@ -219,13 +221,13 @@ def finetune_create(client: Client, as_json: bool, model: str, train_path: str |
 
 
 def _adapter_block(peft_type: str, r: int, target_modules: str, parameter_budget: int | None,
-                   token_sparsity: float | None) -> dict:
+                   token_sparsity: float | None, token_threshold: str = "shared") -> dict:
     block = {"peft_type": peft_type, "r": r, "target_modules": target_modules if target_modules in (
         "all-linear", "auto") else [m.strip() for m in target_modules.split(",") if m.strip()]}
     if parameter_budget is not None:
         block["parameter_budget"] = parameter_budget
     if token_sparsity is not None:
-        block["token_selection"] = {"target_sparsity": token_sparsity}
+        block["token_selection"] = {"target_sparsity": token_sparsity, "threshold": token_threshold}
     return block
 
 

@@ -136,7 +136,10 @@ TRAINABLE_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_pr
 class TokenSelection(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    target_sparsity: float = Field(0.5, gt=0, lt=1, description="share of token updates to skip per module")
+    target_sparsity: float = Field(0.5, gt=0, lt=1, description="share of the adapter's token updates to skip")
+    threshold: Literal["shared", "per_module"] = Field(
+        "shared", description="shared: one tau over every module, so each module keeps the tokens whose relative "
+        "update clears a common bar (its share is learned); per_module: every module skips target_sparsity")
 
 
 class AdapterBlock(BaseModel):

@@ -133,12 +133,13 @@ def test_cli_commands_and_exit_codes(live, demo_tiny, tmp_path):
     data = tmp_path / "train.jsonl"
     data.write_bytes(jsonl([{"prompt": p, "completion": a} for p, a in PAIRS[:4]]))
     result = run_cli(live, "finetune", "create", "--model", "demo-tiny", "--file", str(data), "--epochs", "2",
-                     "--target-modules", "v_proj,q_proj", "--token-sparsity", "0.5", "--wait", "--json")
+                     "--target-modules", "v_proj,q_proj", "--token-sparsity", "0.5", "--token-threshold", "per_module", "--wait",
+                     "--json")
     assert result.exit_code == 0, result.output
     job = json.loads(result.output[result.output.index("{"):])
     assert job["status"] == "succeeded"
     assert job["adapter"]["target_modules"] == ["q_proj", "v_proj"]
-    assert job["adapter"]["token_selection"] == {"target_sparsity": 0.5}
+    assert job["adapter"]["token_selection"] == {"target_sparsity": 0.5, "threshold": "per_module"}
     logs = run_cli(live, "finetune", "logs", job["id"])
     assert "The job has successfully completed" in logs.output
     assert job["id"] in run_cli(live, "finetune", "ls").output

@@ -193,6 +193,10 @@ def test_a_token_selective_job_round_trips_with_its_thresholds(client, ft_server
         "model": "demo-tiny", "training_file": pairs_file(client), "adapter": {"token_selection": {
             "target_sparsity": 1.5}}})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "adapter.token_selection.target_sparsity"
+    bad = httpx.post(f"{ft_server.base_url}/fine_tuning/jobs", json={
+        "model": "demo-tiny", "training_file": pairs_file(client), "adapter": {"token_selection": {
+            "target_sparsity": 0.5, "threshold": "global"}}})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "adapter.token_selection.threshold"
 
 
 def test_auto_target_modules_probe_ranks_and_trains_the_densest_within_budget(client, ft_server, tmp_path):

@@ -38,9 +38,9 @@ class AdapterSpec:
     variant: str = "road_1"  # RoAd: road_1 | road_2 | road_4
     group_size: int = 64  # RoAd rotation group size
     target_modules: tuple[str, ...] = TARGET_MODULES
-    target_sparsity: float | None = None  # TS-PEFT: share of token updates to skip per module (None: dense)
+    target_sparsity: float | None = None  # TS-PEFT: share of token updates to skip (None: dense)
     target_parts: tuple[str, ...] | None = None  # "layer:module" keys; overrides target_modules ("auto")
-    shared_threshold: bool = False  # one tau for every module (the "auto" probe), not one per module
+    shared_threshold: bool = True  # TS-PEFT: one tau over every module (see token_gate), else one per module
 
     @property
     def method(self) -> str:
@@ -231,8 +231,8 @@ class TrainableAdapter(nn.Module):
         else:
             config.update(r=s.r, mask_type="random")
         if s.target_sparsity is not None:  # plain peft ignores this key (with a warning); coserve serves the gate
-            config["coserve_token_selection"] = {"target_sparsity": s.target_sparsity,
-                                                 "thresholds": self.thresholds()}
+            config["coserve_token_selection"] = {"target_sparsity": s.target_sparsity, "thresholds": self.thresholds(),
+                                                 "threshold": "shared" if s.shared_threshold else "per_module"}
         return config
 
     def thresholds(self) -> dict[str, float]:

@@ -71,7 +71,8 @@ def adapter_spec(block: dict) -> AdapterSpec:
         peft_type=block["peft_type"], r=block["r"], lora_alpha=block["lora_alpha"], use_dora=block["use_dora"],
         use_rslora=block["use_rslora"], variant=block["variant"], group_size=block["group_size"],
         target_modules=tuple(targets) if isinstance(targets, list) else AdapterSpec().target_modules,
-        target_sparsity=(block.get("token_selection") or {}).get("target_sparsity"))
+        target_sparsity=(block.get("token_selection") or {}).get("target_sparsity"),
+        shared_threshold=(block.get("token_selection") or {}).get("threshold", "shared") == "shared")
 
 
 def fine_tuned_name(base: str, suffix: str | None, job_id: str) -> str:
