@@ -133,8 +133,8 @@ def test_cli_commands_and_exit_codes(live, demo_tiny, tmp_path):
     data = tmp_path / "train.jsonl"
     data.write_bytes(jsonl([{"prompt": p, "completion": a} for p, a in PAIRS[:4]]))
     result = run_cli(live, "finetune", "create", "--model", "demo-tiny", "--file", str(data), "--epochs", "2",
-                     "--target-modules", "v_proj,q_proj", "--token-sparsity", "0.5", "--token-threshold", "per_module", "--wait",
-                     "--json")
+                     "--target-modules", "v_proj,q_proj", "--token-sparsity", "0.5", "--token-threshold", "per_module",
+                     "--wait", "--json")
     assert result.exit_code == 0, result.output
     job = json.loads(result.output[result.output.index("{"):])
     assert job["status"] == "succeeded"
