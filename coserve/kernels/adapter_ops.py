@@ -276,8 +276,8 @@ def road_rotate(
         return _triton().road_rotate(y, c1, c2, partner, seg.token_slots)
     if not seg.slots:
         return y
-    # float32 arithmetic, one rounding. y is cast to float32 first: a bf16 x float32 product takes
-    # PyTorch's per-element casting loop on the CPU (3072-wide, 64 rows: 640 us against 88 us cast first)
+    # float32 arithmetic, one rounding. y is cast to float32 first, then multiplied in place: a bf16 x float32
+    # product casts element by element (64 x 960: 11.3 us against 4.1 us cast + 5.2 us multiply, one thread)
     if seg.use_grouped:  # each slot's tables read once and broadcast over its tokens
         yp = seg.pad(seg.gather(y)).to(torch.float32, copy=True)  # [S', G, out], never a view of y
         c1s, c2s = seg.group_weights(c1)[:, None], seg.group_weights(c2)[:, None]
