@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 PAD_WASTE_LIMIT = 4  # grouped bmm while padded rows <= this many times the real ones
+DIRECT_EXPAND_ROWS = 16  # grouped LoRA expand as h Bs^T (no transposes) from this many rows a slot
 
 
 @dataclass
@@ -194,11 +195,14 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, seg: Segments) -> torch.T
 def lora_expand(y: torch.Tensor, h: torch.Tensor, lora_bs: tuple[torch.Tensor, ...], seg: Segments) -> torch.Tensor:
     """Fast path of lora_expand_ref (same semantics), adding into y in place (and returning it).
 
-    Grouped: one batched matmul per slice in the transposed form delta^T = Bs h^T ([S', n_p, R] @
-    [S', R, G]), which streams the [S, n, R] buffers 1.3-1.6x faster than h @ Bs^T on the CPU (64 decodes
-    over 32 adapters, a 1,536-wide slice: 81 vs 126 us), each slot's Bs read once. The slices are laid
-    side by side (one copy) and added to y's rows at once: adding a transposed delta slice by slice in
-    place reads it strided and cost more than the copy."""
+    Grouped, few rows a slot (G < DIRECT_EXPAND_ROWS): one batched matmul per slice in the transposed form
+    delta^T = Bs h^T ([S', n_p, R] @ [S', R, G]), which streams the [S, n, R] buffers 1.3-1.6x faster than
+    h @ Bs^T on the CPU (64 decodes over 32 adapters, a 1,536-wide slice: 81 vs 126 us), each slot's Bs
+    read once. The slices are laid side by side (one copy) and added to y's rows at once: adding a
+    transposed delta slice by slice in place reads it strided and cost more than the copy.
+    Many rows a slot: h @ Bs^T ([S', G, R] @ [S', R, n_p]) already lies in y's layout, so the transposing
+    copy goes (64 rows of one adapter, gate and up: 81 against 133 us; at 8 rows a slot the two forms
+    are even, at 4 the transposed one wins by up to 1.4x)."""
     if y.is_cuda:
         return _triton().lora_expand(y, h, lora_bs, seg.token_slots)
     if not seg.slots:
@@ -206,9 +210,14 @@ def lora_expand(y: torch.Tensor, h: torch.Tensor, lora_bs: tuple[torch.Tensor, .
     rank, dtype = lora_bs[0].shape[2], lora_bs[0].dtype
     if seg.use_grouped:
         hp = seg.pad(seg.gather(h).to(dtype))  # [S', G, P*R]
-        deltas = [torch.bmm(seg.group_weights(b), hp[:, :, p * rank : (p + 1) * rank].transpose(1, 2))
-                  for p, b in enumerate(lora_bs)]  # per slice [S', n_p, G]
-        delta = torch.cat([d.transpose(1, 2) for d in deltas], dim=2)  # [S', G, sum n_p]
+        slices = [hp[:, :, p * rank : (p + 1) * rank] for p in range(len(lora_bs))]  # [S', G, R] each
+        if seg.group_len >= DIRECT_EXPAND_ROWS:
+            deltas = [torch.bmm(hs, seg.group_weights(b).transpose(1, 2)) for hs, b in zip(slices, lora_bs)]
+            delta = deltas[0] if len(deltas) == 1 else torch.cat(deltas, dim=2)  # [S', G, sum n_p]
+        else:
+            deltas = [torch.bmm(seg.group_weights(b), hs.transpose(1, 2))
+                      for hs, b in zip(slices, lora_bs)]  # per slice [S', n_p, G]
+            delta = torch.cat([d.transpose(1, 2) for d in deltas], dim=2)  # [S', G, sum n_p]
         return seg.add(y, seg.unpad(delta).to(y.dtype))
     for s, seg_rows in zip(seg.slots, seg.rows):
         hs = h.index_select(0, seg_rows).to(dtype)  # [n_s, P*R]
