@@ -75,6 +75,8 @@ def test_a_token_selective_job_skips_its_share_and_serves_what_it_trained(demo_t
     if not shared:  # every module holds the target itself (within its tracker's lag behind norms growing fast in a
         # short job; a shared bar left these three at 0.66 / 0.54 / 0.24)
         assert all(share == pytest.approx(0.5, abs=0.2) for share in per_module.values()), per_module
+    else:  # one bar for all: the modules clear it unequally (per module the spread here was 0.16)
+        assert max(per_module.values()) - min(per_module.values()) > 0.25, per_module
 
     config_raw, weights = next(e for e in events if e.kind == "succeeded").files
     config = json.loads(config_raw)
