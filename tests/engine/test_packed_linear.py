@@ -105,3 +105,27 @@ def test_training_on_a_packed_bfloat16_base_equals_the_unpacked_one(demo_tiny):
         finals[prepack] = losses
     assert len(finals[True]) >= 3
     assert finals[True] == finals[False]
+
+
+def test_a_backward_call_unpacks_each_frozen_weight_once(monkeypatch):
+    """Several training chunks through one packed linear: one backward call unpacks its weight once (not
+    once per chunk), and the input gradients are still dy W0 per chunk."""
+    from coserve.engine.training import coforward
+
+    torch.manual_seed(0)
+    linear = nn.Linear(32, 48, bias=False).to(torch.bfloat16).requires_grad_(False)
+    packed = PackedLinear(linear)
+    unpacks = []
+    plain_weight = PackedLinear.plain_weight
+    monkeypatch.setattr(PackedLinear, "plain_weight", lambda self, dtype=None: unpacks.append(1) or
+                        plain_weight(self, dtype))
+    chunks = [torch.randn(n, 32, dtype=torch.bfloat16, requires_grad=True) for n in (3, 5, 2)]
+    outs = [coforward.FrozenBaseGrad.apply(x, packed(x.detach()), packed) for x in chunks]
+    grads = [torch.randn_like(o) for o in outs]
+    with coforward._frozen_weights_made_once():
+        torch.autograd.backward(outs, grads)
+    assert len(unpacks) == 1
+    for x, dy in zip(chunks, grads):
+        assert torch.equal(x.grad, dy @ linear.weight)
+    coforward.compute_weight(packed, torch.bfloat16)  # outside a backward call nothing is kept
+    assert len(unpacks) == 2

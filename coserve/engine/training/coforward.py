@@ -16,6 +16,8 @@ Training sequences keep their own K/V per layer (with their graph), not in the p
 
 from __future__ import annotations
 
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -45,7 +47,33 @@ class FrozenBaseGrad(torch.autograd.Function):
         return dy @ compute_weight(ctx.linear, dy.dtype), None, None  # [T, out] @ [out, in]
 
 
+_backward = threading.local()  # per engine thread: the weights one backward call has made plain ({} inside it)
+
+
+@contextmanager
+def _frozen_weights_made_once():
+    """Inside: each frozen linear is unpacked / dequantized once, however many training chunks went through
+    it (a layer's backward runs FrozenBaseGrad once per chunk; co-served in 16-token chunks, unpacking per
+    call was ~1 ms each and 40% of the step). Holds one layer's weights at a time."""
+    _backward.weights = {}
+    try:
+        yield
+    finally:
+        _backward.weights = None
+
+
 def compute_weight(linear: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """_plain_weight, made once per backward call (see _frozen_weights_made_once)."""
+    made = getattr(_backward, "weights", None)
+    if made is None:
+        return _plain_weight(linear, dtype)
+    key = (id(linear), dtype)
+    if key not in made:
+        made[key] = _plain_weight(linear, dtype)
+    return made[key]
+
+
+def _plain_weight(linear: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     """The base weight [out, in] in the compute dtype: the parameter itself when the base is not quantized
     (no copy), unpacked from a pre-packed linear, else dequantized (bf16 matmuls are several times faster
     than float32 ones on CPUs with AVX512-BF16/AMX)."""
@@ -232,7 +260,8 @@ def backward_layers(state: PassState, num_layers: int) -> int:
     done = 0
     while done < num_layers and not state.backward_done:
         if state.next_backward is None:
-            torch.autograd.backward([loss for _, loss in state.head])
+            with _frozen_weights_made_once():
+                torch.autograd.backward([loss for _, loss in state.head])
             state.next_backward = state.num_layers - 1
         else:
             i = state.next_backward
@@ -240,7 +269,8 @@ def backward_layers(state: PassState, num_layers: int) -> int:
             grads = [x.grad for x, _ in (below if below is not None else state.head)]
             outs = [(out, g) for (_, out), g in zip(state.layer_io[i], grads) if g is not None and out.requires_grad]
             if outs:
-                torch.autograd.backward([o for o, _ in outs], [g for _, g in outs])
+                with _frozen_weights_made_once():
+                    torch.autograd.backward([o for o, _ in outs], [g for _, g in outs])
             if below is not None:
                 state.layer_io[i + 1] = []
             else:
