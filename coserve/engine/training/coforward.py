@@ -244,7 +244,11 @@ def _head_loss(model: CausalLM, x_tr: torch.Tensor, rows: list[TrainRows], state
     keep = (labels != IGNORE).nonzero().flatten()
     x_last = x_tr.detach().requires_grad_(state.grad)
     if keep.numel():
-        logits = model.logits(model.model.norm(x_last.index_select(0, keep)))  # [K, vocab] float32
+        hidden = model.model.norm(x_last.index_select(0, keep))  # [K, hidden]
+        with torch.no_grad():
+            logits = model.lm_head(hidden)  # [K, vocab]
+        # dx = dy W through compute_weight, so a packed lm_head is unpacked once per backward call, not per chunk
+        logits = FrozenBaseGrad.apply(hidden, logits, model.lm_head).float()
         loss = F.cross_entropy(logits, labels.index_select(0, keep), reduction="sum")
         state.loss_sum += float(loss.detach())
         state.num_label_tokens += keep.numel()

@@ -67,12 +67,13 @@ def adapter_spec(block: dict) -> AdapterSpec:
     """The API's validated `adapter` block -> what the engine trains ("all-linear" and "auto": every module;
     "auto" narrows it to the probe's selection later)."""
     targets = block["target_modules"]
+    selection = block.get("token_selection") or {}
     return AdapterSpec(
         peft_type=block["peft_type"], r=block["r"], lora_alpha=block["lora_alpha"], use_dora=block["use_dora"],
         use_rslora=block["use_rslora"], variant=block["variant"], group_size=block["group_size"],
         target_modules=tuple(targets) if isinstance(targets, list) else AdapterSpec().target_modules,
-        target_sparsity=(block.get("token_selection") or {}).get("target_sparsity"),
-        shared_threshold=(block.get("token_selection") or {}).get("threshold", "shared") == "shared")
+        target_sparsity=selection.get("target_sparsity"),
+        shared_threshold=selection.get("threshold", "shared") == "shared")
 
 
 def fine_tuned_name(base: str, suffix: str | None, job_id: str) -> str:
