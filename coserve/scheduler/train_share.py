@@ -80,19 +80,25 @@ class TrainShareController:
         if inference_tokens == 0 or self.config.itl_slo_s is None:
             return leftover_tokens
         units = self._units("forward", inference_tokens, self.config.initial_forward_tokens)
-        return max(min(self.config.min_forward_tokens, leftover_tokens), min(leftover_tokens, units))
+        granted = max(min(self.config.min_forward_tokens, leftover_tokens), min(leftover_tokens, units))
+        self._last_grant["forward"] = granted
+        return granted
 
     def backward_stages(self, inference_tokens: int, pass_tokens: int, stages_left: int) -> int:
         """Backward stages (layers; the loss head counts as one) to run this step; at least one."""
         if inference_tokens == 0 or self.config.itl_slo_s is None:
             return stages_left
         units = self._units("backward", inference_tokens, pass_tokens)
-        return max(1, min(stages_left, units // max(1, pass_tokens)))
+        stages = max(1, min(stages_left, units // max(1, pass_tokens)))
+        self._last_grant["backward"] = stages * pass_tokens
+        return stages
 
     def _units(self, kind: str, inference_tokens: int, default: int) -> int:
         """The most units whose predicted extra time fits in the spare time. Cautious on both ends: the
         cost per unit is at least half the plain average (a noisy fit can make the slope look free), and
-        a grant at most doubles the previous one of its kind (slow start)."""
+        a grant at most doubles the previous one of its kind (slow start). The previous grant is what was
+        actually given, minimum included: a step with no room at all (units 0) must not pin every later
+        grant to the minimum."""
         spare, extra = self._spare_seconds(inference_tokens), self.extra_seconds[kind]
         fit = extra.affine()
         if spare is None or fit is None:
@@ -100,9 +106,7 @@ class TrainShareController:
         fixed, slope = fit
         average = extra.sy / max(extra.sx, 1e-9)
         units = int(max(0.0, spare - fixed) / max(slope, average / 2, 1e-12))
-        cap = 2 * self._last_grant.get(kind, default)
-        self._last_grant[kind] = min(units, cap)
-        return self._last_grant[kind]
+        return min(units, 2 * self._last_grant.get(kind, default))
 
     def observe(self, seconds: float, inference_tokens: int, kind: str | None = None, units: int = 0) -> None:
         """A finished step: inference-only steps refine the inference fit, others the cost per unit."""

@@ -89,3 +89,16 @@ def test_a_grant_at_most_doubles_the_previous_one():
     run(controller, 40, inference_tokens=8)
     controller._last_grant["forward"] = 10  # as if the last grant had been small
     assert controller.forward_tokens(8, 2040) == 20
+
+
+def test_grants_recover_after_a_burst_leaves_no_room():
+    """A burst of inference that fills the SLO grants the minimum; once it passes, grants grow back to fill
+    the spare time (slow start from the minimum actually granted, not from zero)."""
+    controller = TrainShareController(TrainShareConfig(itl_slo_s=0.100))
+    run(controller, 100, inference_tokens=32)
+    run(controller, 40, inference_tokens=230)  # inference alone ~0.102 s: no room for fine-tuning
+    assert controller.forward_tokens(230, 1818) == controller.config.min_forward_tokens
+    assert controller.backward_stages(230, 512, 31) == 1
+    run(controller, 60, inference_tokens=32)
+    assert 50 <= controller.forward_tokens(32, 2016) <= 75  # (0.085 - 0.0228) / 0.0009 ~ 69 tokens
+    assert controller.backward_stages(32, 512, 31) >= 2  # (0.085 - 0.0228) / (512 * 0.00005) ~ 2.4 stages

@@ -30,6 +30,9 @@ from coserve.engine.training.params import TrainableAdapter
 from coserve.kernels.attention import AttentionMetadata
 
 IGNORE = -100  # label of rows that carry no loss (prompt / non-assistant tokens)
+# Labelled rows per piece of the loss head: a piece's float32 logits ([64, 49,152]: 12.6 MB) stay in the CPU's
+# cache and below glibc's mmap threshold; [256, 49,152] at once took 57 ms forward and backward against 20
+HEAD_ROWS = 64
 
 
 class FrozenBaseGrad(torch.autograd.Function):
@@ -243,17 +246,17 @@ def _head_loss(model: CausalLM, x_tr: torch.Tensor, rows: list[TrainRows], state
     labels = torch.tensor([t for r in rows for t in r.labels], dtype=torch.long)  # [Tt]
     keep = (labels != IGNORE).nonzero().flatten()
     x_last = x_tr.detach().requires_grad_(state.grad)
-    if keep.numel():
-        hidden = model.model.norm(x_last.index_select(0, keep))  # [K, hidden]
+    losses = []
+    for piece in keep.split(HEAD_ROWS):
+        hidden = model.model.norm(x_last.index_select(0, piece))  # [k, hidden]
         with torch.no_grad():
-            logits = model.lm_head(hidden)  # [K, vocab]
+            logits = model.lm_head(hidden)  # [k, vocab]
         # dx = dy W through compute_weight, so a packed lm_head is unpacked once per backward call, not per chunk
         logits = FrozenBaseGrad.apply(hidden, logits, model.lm_head).float()
-        loss = F.cross_entropy(logits, labels.index_select(0, keep), reduction="sum")
-        state.loss_sum += float(loss.detach())
-        state.num_label_tokens += keep.numel()
-    else:
-        loss = x_last.sum() * 0.0
+        losses.append(F.cross_entropy(logits, labels.index_select(0, piece), reduction="sum"))
+    loss = torch.stack(losses).sum() if losses else x_last.sum() * 0.0
+    state.loss_sum += float(loss.detach())
+    state.num_label_tokens += keep.numel()
     if state.grad:
         state.head.append((x_last, loss * state.loss_scale))
 
