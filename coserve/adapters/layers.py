@@ -54,7 +54,7 @@ def base_weight(linear: nn.Module) -> torch.Tensor:
 
 class AdapterLinear(nn.Module):
     def __init__(self, base: nn.Module, parts: tuple[str, ...], part_sizes: list[int], num_slots: int,
-                 max_rank: int, ctx: AdapterContext, dtype: torch.dtype = torch.float32):
+                 max_rank: int, ctx: AdapterContext, dtype: torch.dtype = torch.float32, on_cuda: bool = False):
         super().__init__()
         self.base = base
         self.dtype = dtype  # LoRA buffers hold the compute dtype (see adapter_ops: which dtype the ops multiply in)
@@ -75,8 +75,12 @@ class AdapterLinear(nn.Module):
         # groups aligned to every part (-1: mixed or unaligned, rotate by gather; None: nothing loaded).
         self.road: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.road_group: list[int | None] = [None] * num_slots
+        # SHiRA: every slot's matrix in CSR blocks on the CPU (8 bytes an entry); the Triton kernel's
+        # (rows, cols, vals) [S, K] lists (20 bytes an entry) only on CUDA. Holding both on the CPU took
+        # 14 GB at 64 slots for 32 rank-16 all-projection adapters, and that footprint slowed every later step
+        self.on_cuda = on_cuda
         self.shira: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # rows, cols, vals [S, K]
-        self.shira_blocks: dict[str, SparseBlocks] = {}  # every slot's matrix in CSR (CPU fast path)
+        self.shira_blocks: dict[str, SparseBlocks] = {}
         self.gates: dict[str, torch.Tensor] = {}  # TS-PEFT: part -> tau [S] float32 (0: every token updated)
 
     # ---- slot management (engine thread, between steps) ----
@@ -134,7 +138,11 @@ class AdapterLinear(nn.Module):
             g = 2 * int(delta.road_partner[0])
             aligned = all(size % g == 0 for size in self.sizes.values())
             self.road_group[slot] = g if aligned and self.road_group[slot] in (None, g) else -1
-        if delta.shira_vals is not None:
+        if delta.shira_vals is not None and not self.on_cuda:
+            if part not in self.shira_blocks:
+                self.shira_blocks[part] = SparseBlocks(s, n, self.in_features)
+            self.shira_blocks[part].load(slot, delta.shira_rows, delta.shira_cols, delta.shira_vals)
+        elif delta.shira_vals is not None:
             k = delta.shira_vals.numel()
             rows, cols, vals = self.shira.get(part, (torch.zeros(s, 0, dtype=torch.long),) * 2 + (torch.zeros(s, 0),))
             if k > rows.shape[1]:  # grow the padded index lists
@@ -145,9 +153,6 @@ class AdapterLinear(nn.Module):
             vals[slot] = 0.0
             rows[slot, :k], cols[slot, :k], vals[slot, :k] = delta.shira_rows, delta.shira_cols, delta.shira_vals
             self.shira[part] = (rows, cols, vals)
-            if part not in self.shira_blocks:
-                self.shira_blocks[part] = SparseBlocks(s, n, self.in_features)
-            self.shira_blocks[part].load(slot, delta.shira_rows, delta.shira_cols, delta.shira_vals)
 
     # ---- forward ----
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [T, in] -> [T, sum(part sizes)]
@@ -187,8 +192,8 @@ class AdapterLinear(nn.Module):
                     scaled = dora_scale(ys - b_part, self.dora[part], dora_seg) + b_part
                     rows = dora_seg.active_rows
                     ys.index_copy_(0, rows, scaled.index_select(0, rows))
-            if part in self.shira and segs.get("shira") is not None:
-                rows, cols, vals = self.shira[part]
+            if (part in self.shira or part in self.shira_blocks) and segs.get("shira") is not None:
+                rows, cols, vals = self.shira.get(part, (None, None, None))
                 ys.add_(sparse_delta(x, rows, cols, vals, n, segs["shira"], self.shira_blocks.get(part)))
             if gate is not None and gated_after:
                 slots = self.ctx.token_slots  # [T]
@@ -227,7 +232,7 @@ def attach_adapter_layers(
             owner_name, attr = packed.split(".")
             owner = getattr(layer, owner_name)
             wrapper = AdapterLinear(getattr(owner, attr), parts, [sizes[p] for p in parts], num_slots, max_rank, ctx,
-                                    dtype)
+                                    dtype, model.model.embed_tokens.weight.is_cuda)
             setattr(owner, attr, wrapper)
             wrappers[i, packed] = wrapper
     return ctx, wrappers

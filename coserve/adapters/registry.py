@@ -17,6 +17,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from coserve.adapters.types import LoadedAdapter
+from coserve.kernels.threads import use_one_torch_thread
 
 log = logging.getLogger("coserve.adapters")
 
@@ -40,7 +41,8 @@ class HostCache:
         self._loading: dict[str, Future] = {}
         self.failed: dict[str, str] = {}
         self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="coserve-adapter-load")
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="coserve-adapter-load",
+                                        initializer=use_one_torch_thread)  # see kernels/threads.py
         self.on_timing = on_timing
 
     def register(self, name: str, source: AdapterSource, preload: LoadedAdapter | None = None) -> None:

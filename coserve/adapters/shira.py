@@ -38,8 +38,8 @@ def parse_module(
     if k > out_f * in_f:
         raise AdapterError(f"{prefix} has {k} sparse values, more than its {out_f}x{in_f} weight",
                            f"{prefix}.shira_weight")
-    rows, cols = indices[0].long(), indices[1].long()
-    if k and (rows.min() < 0 or rows.max() >= out_f or cols.min() < 0 or cols.max() >= in_f):
+    rows, cols = indices[0].to(torch.int32), indices[1].to(torch.int32)  # int32: 8 bytes an entry less, host-cached
+    if k and (indices.min() < 0 or indices[0].max() >= out_f or indices[1].max() >= in_f):
         raise AdapterError(f"tensor {prefix}.shira_indices points outside the {out_f}x{in_f} weight",
                            f"{prefix}.shira_indices")
     return ModuleDelta(shira_rows=rows, shira_cols=cols, shira_vals=values.float())

@@ -69,8 +69,8 @@ class ModuleDelta:
     road_c1: torch.Tensor | None = None  # [out] alpha cos(theta)
     road_c2: torch.Tensor | None = None  # [out] signed alpha sin(theta) (see kernels.adapter_ops.road_rotate)
     road_partner: torch.Tensor | None = None  # [out] int64 paired element within its group
-    shira_rows: torch.Tensor | None = None  # [K] int64
-    shira_cols: torch.Tensor | None = None  # [K] int64
+    shira_rows: torch.Tensor | None = None  # [K] int32
+    shira_cols: torch.Tensor | None = None  # [K] int32
     shira_vals: torch.Tensor | None = None  # [K]
     gate_tau: float | None = None  # TS-PEFT: update only tokens whose update/base norm ratio is >= this
 

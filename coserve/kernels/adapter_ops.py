@@ -336,7 +336,7 @@ class SparseBlocks:
     def load(self, slot: int, rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor) -> None:
         """Slot's matrix from (row, col, value) triplets (duplicates summed)."""
         shape = (self.out_features, self.in_features)
-        coo = torch.sparse_coo_tensor(torch.stack([rows, cols]), vals.float(), shape, check_invariants=True)
+        coo = torch.sparse_coo_tensor(torch.stack([rows, cols]).long(), vals.float(), shape, check_invariants=True)
         csr = coo.coalesce().to_sparse_csr()
         nnz = csr.values().numel()
         if nnz > self.capacity:  # grow every block; old padding stays in each block's last row
@@ -387,11 +387,12 @@ def sparse_delta_ref(
 
 
 def sparse_delta(
-    x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, out_features: int, seg: Segments,
-    blocks: SparseBlocks | None = None,
+    x: torch.Tensor, rows: torch.Tensor | None, cols: torch.Tensor | None, vals: torch.Tensor | None,
+    out_features: int, seg: Segments, blocks: SparseBlocks | None = None,
 ) -> torch.Tensor:
     """Fast path of sparse_delta_ref; kept sparse. With `blocks` (the slots' matrices in CSR, built when a
-    slot is loaded) a step's slots over a slot range take one block-diagonal sparse matmul, else one each."""
+    slot is loaded) a step's slots over a slot range take one block-diagonal sparse matmul, else one each;
+    rows / cols / vals are then not read (None: the serving layers keep only the blocks on the CPU)."""
     if x.is_cuda:
         return _triton().sparse_delta(x, rows, cols, vals, out_features, seg.token_slots)
     if blocks is not None:

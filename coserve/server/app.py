@@ -6,6 +6,7 @@ import asyncio
 import logging
 import threading
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -16,6 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from coserve.adapters.store import AdapterStore, StoreUnavailable
 from coserve.engine.async_engine import AsyncEngine
+from coserve.kernels.threads import use_one_torch_thread
 from coserve.scheduler.request import SamplingParams
 from coserve.server.adapter_routes import on_store_event
 from coserve.server.adapter_routes import router as adapter_router
@@ -142,6 +144,11 @@ def create_app(engine: AsyncEngine, config: ServerConfig, external_engine_loop: 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         st.loop = asyncio.get_running_loop()
+        # torch work off the engine thread (uploads validated in to_thread, and this loop's own thread) stays
+        # on one core per thread: an OpenMP team per thread slows the engine's ops (see kernels/threads.py)
+        use_one_torch_thread()
+        st.loop.set_default_executor(ThreadPoolExecutor(thread_name_prefix="coserve-io",
+                                                        initializer=use_one_torch_thread))
         if not engine.started and not external_engine_loop:
             engine.start()
         for _ in range(600):  # an external loop (coserve serve's main thread) may still be starting

@@ -30,6 +30,7 @@ from coserve.engine.training.dataset import DatasetError, parse_jsonl, tokenize
 from coserve.engine.training.module_selection import ModuleSelection, module_costs, probe_adapter, select_modules
 from coserve.engine.training.params import AdapterSpec
 from coserve.engine.training.trainer import TrainingEvent, TrainingJobSpec
+from coserve.kernels.threads import use_one_torch_thread
 from coserve.server.finetune.records import TERMINAL, Claimed, FineTuneStore, new_id
 
 log = logging.getLogger("coserve.jobs")
@@ -99,6 +100,7 @@ class JobWorker:
             self._thread.join(timeout)
 
     def _run(self) -> None:
+        use_one_torch_thread()  # reads adapter files with torch; see kernels/threads.py
         group_ready = False  # the consumer group is created once, and again after any error (a flushed Redis)
         while not self._stop.is_set():
             try:
