@@ -133,7 +133,9 @@ def main() -> None:
     peft_counts = [int(c) for c in args.peft.split(",") if c]
     dirs_of: dict[tuple[str, int], list[Path]] = {}
     adapters_of: dict[tuple[str, int], list[str | None]] = {("BASE", 0): [None] * args.requests}
-    for method, n in runs[1:]:
+    for method, n in runs[1:] + [("LORA", n) for n in peft_counts]:  # the peft rows serve LoRA adapters too
+        if (method, n) in dirs_of:
+            continue
         dirs = [write_adapter(root / f"{method.lower()}-{i}", method, shape, seed=i) for i in range(n)]
         dirs_of[method, n] = dirs
         for d in dirs:
@@ -157,14 +159,10 @@ def main() -> None:
             paired[key].append(base_rate / rate)
             print(key, round(rate, 1), "base", round(base_rate, 1), "ratio", round(base_rate / rate, 3), flush=True)
         for n in peft_counts:  # each peft run paired with a coserve run of the same requests right before it
-            dirs = dirs_of.get(("LORA", n)) or [write_adapter(root / f"lora-{i}", "LORA", shape, i) for i in range(n)]
-            for d in dirs:
-                if not engine.adapters.known(d.name):
-                    engine.adapters.register_dir(d.name, d, preload=False)
-            adapter_of = [dirs[i % n].name for i in range(args.requests)]
+            adapter_of = adapters_of["LORA", n]
             coserve_rate(engine, prompts[:n], adapter_of[:n], 2)  # every adapter loaded once
             ours = coserve_rate(engine, prompts, adapter_of, args.output_len)
-            rate = peft_rate(model, dirs, prompts, adapter_of, args.output_len)
+            rate = peft_rate(model, dirs_of["LORA", n], prompts, adapter_of, args.output_len)
             peft_best[n] = max(peft_best.get(n, 0.0), rate)
             peft_pairs.setdefault(n, []).append(ours / rate)
             print(("PEFT", n), round(rate, 1), "coserve", round(ours, 1), "speedup", round(ours / rate, 2), flush=True)
