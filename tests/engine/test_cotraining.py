@@ -111,3 +111,28 @@ def test_training_rows_join_inference_steps_and_leave_inference_outputs_alone(de
     while engine.has_work:
         engine.step()
     assert events[-1].kind == "succeeded"
+
+
+def test_a_pass_forwarded_in_chunks_recomputes_its_layers_and_learns_the_same(demo_tiny, monkeypatch):
+    """A micro-batch forwarded over several steps (here: a 16-token step budget against 40-token passes) runs
+    its chunks without autograd and re-runs each layer over the whole pass at backward; a pass forwarded in
+    one step keeps its graph. Both train the same adapter."""
+    from coserve.engine.training import coforward
+
+    recomputed = []
+    original = coforward._recomputed_layer_backward
+
+    def counting(model, adapter, state, i):
+        recomputed.append(i)
+        return original(model, adapter, state, i)
+
+    monkeypatch.setattr(coforward, "_recomputed_layer_backward", counting)
+    engine = _engine(demo_tiny)
+    whole = _final_tensors(_train(engine, _spec(engine, n_epochs=1)))
+    assert recomputed == []
+    chunked_engine = _engine(demo_tiny, max_batch_tokens=16)
+    chunked = _final_tensors(_train(chunked_engine, _spec(chunked_engine, n_epochs=1)))
+    layers = chunked_engine.model.config.num_hidden_layers
+    assert recomputed and recomputed[:layers] == list(reversed(range(layers)))
+    for k in whole:
+        torch.testing.assert_close(chunked[k], whole[k], rtol=1e-4, atol=1e-5, msg=k)

@@ -75,8 +75,10 @@ def _reference_grads(model) -> tuple[float, dict[str, torch.Tensor]]:
     return float(loss) / total, grads
 
 
+@pytest.mark.parametrize("recompute", [False, True], ids=["graphs", "recompute"])
 @pytest.mark.parametrize("kind", list(CASES))
-def test_fused_training_step_matches_peft(hf_llama, tmp_path, kind, monkeypatch):
+def test_fused_training_step_matches_peft(hf_llama, tmp_path, kind, recompute, monkeypatch):
+    """recompute: the chunks run without autograd and each layer is re-run over the whole pass at backward."""
     monkeypatch.setattr(coforward, "HEAD_ROWS", 3)  # the loss head in pieces of 3 labelled rows (and a remainder)
     reference = _peft_model(hf_llama, kind, tmp_path / kind)
     ref_loss, ref_grads = _reference_grads(reference)
@@ -93,7 +95,7 @@ def test_fused_training_step_matches_peft(hf_llama, tmp_path, kind, monkeypatch)
     kv = allocate_kv_cache(mc, plan_kv_cache(mc, 2**20, 16, torch.float32), torch.float32)
     prompt = torch.tensor([11, 12, 13, 14, 15])
     meta = AttentionMetadata.build([5], [0], [[0]], 16)
-    state = PassState(mc.num_hidden_layers, 1.0 / sum(s.num_targets for s in SAMPLES))
+    state = PassState(mc.num_hidden_layers, 1.0 / sum(s.num_targets for s in SAMPLES), recompute=recompute)
     labels = [s.labels() for s in SAMPLES]
     chunk1 = [TrainRows(0, SAMPLES[0].token_ids[:6], 0, labels[0][:6]),
               TrainRows(1, SAMPLES[1].token_ids, 0, labels[1])]
@@ -101,7 +103,7 @@ def test_fused_training_step_matches_peft(hf_llama, tmp_path, kind, monkeypatch)
     hidden = coserved_forward(model, prompt, torch.arange(5), meta, kv, chunk1, state, adapter)
     coserved_forward(model, prompt[:0], torch.arange(0), None, kv, chunk2, state, adapter)
     while not state.backward_done:
-        backward_layers(state, 1)  # one stage per step, as under load
+        backward_layers(state, 1, model, adapter)  # one stage per step, as under load
 
     fresh = allocate_kv_cache(mc, plan_kv_cache(mc, 2**20, 16, torch.float32), torch.float32)
     with torch.inference_mode():

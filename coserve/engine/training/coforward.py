@@ -12,6 +12,12 @@ activation run per stream, so autograd keeps activations of training rows only.
 Each layer's training input is a fresh leaf, so the graph is cut at layer boundaries: backward
 walks them top layer first, a few per engine step (`backward_layers`), like FlexLLM.
 Training sequences keep their own K/V per layer (with their graph), not in the paged pool.
+
+A pass forwarded in several chunks (co-served under a latency bound: ~40 tokens a step) can instead
+recompute (`PassState.recompute`, activation checkpointing per layer): chunks run without autograd and
+keep only each layer's input; a backward stage re-runs its layer over the whole pass with autograd and
+back-propagates one graph. A layer's graph built chunk by chunk holds one sub-graph per chunk, each with
+its own small matmuls, and cost twice a whole-pass backward; the extra forward costs less than that.
 """
 
 from __future__ import annotations
@@ -111,9 +117,19 @@ class PassState:
     next_backward: int | None = None  # None: head not done yet; else the next layer to run backward on
     loss_sum: float = 0.0  # sum of token losses so far (unscaled)
     num_label_tokens: int = 0
+    recompute: bool = False  # chunks forwarded without autograd; each layer re-run over the pass at backward
+    spans: list[tuple[int, int, int]] = field(default_factory=list)  # recompute: (seq, start, n) per forwarded row
+    layer_inputs: list[list[torch.Tensor]] = field(default_factory=list)  # recompute: [layer] -> chunk inputs
+    pass_grad: torch.Tensor | None = None  # recompute: d loss / d (next layer's input), pass order [T, hidden]
 
     def __post_init__(self):
         self.layer_io = [[] for _ in range(self.num_layers)]
+        self.layer_inputs = [[] for _ in range(self.num_layers)]
+
+    @property
+    def tracks_graph(self) -> bool:
+        """Whether the forward keeps autograd graphs of the layers (else they are recomputed, or not needed)."""
+        return self.grad and not self.recompute
 
     @property
     def backward_done(self) -> bool:
@@ -124,10 +140,10 @@ def coserved_linear(linear: nn.Module, packed: str, layer: int, x_inf: torch.Ten
                     adapter: TrainableAdapter) -> tuple[torch.Tensor, torch.Tensor]:
     """x_inf [Ti, in], x_tr [Tt, in] -> (y_inf [Ti, out], y_tr [Tt, out]); one base matmul for both."""
     n_inf = x_inf.shape[0]
-    with torch.no_grad():
-        y_all = linear(torch.cat([x_inf, x_tr.detach()]))  # [Ti + Tt, out]
-    y_inf, y_tr = y_all[:n_inf], y_all[n_inf:]
     base = getattr(linear, "base", linear)  # under the serving adapters' wrapper, if any
+    with torch.no_grad():  # without inference rows, the wrapper (which may hold another step's rows) has no work
+        y_all = linear(torch.cat([x_inf, x_tr.detach()])) if n_inf else base(x_tr.detach())  # [Ti + Tt, out]
+    y_inf, y_tr = y_all[:n_inf], y_all[n_inf:]
     if torch.is_grad_enabled():
         y_tr = FrozenBaseGrad.apply(x_tr, y_tr, base)
     parts = PACKED_PARTS[packed]
@@ -168,14 +184,13 @@ def _packed_lora(x: torch.Tensor, y: torch.Tensor, sizes: list[int], modules: li
     return y + delta.to(y.dtype)
 
 
-def _train_attention(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: list[TrainRows],
-                     state: PassState, layer: int) -> torch.Tensor:
-    """Causal attention of each training chunk over its sequence's earlier chunks and itself.
-    q [Tt, H, D], k / v [Tt, Hkv, D] -> [Tt, H * D]."""
+def _train_attention(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: list[tuple[int, int]],
+                     kv: dict[int, list[list[torch.Tensor]]], num_layers: int, layer: int) -> torch.Tensor:
+    """Causal attention of each training chunk over its sequence's earlier chunks (their K/V in `kv`) and
+    itself. rows: (sequence, tokens) per chunk. q [Tt, H, D], k / v [Tt, Hkv, D] -> [Tt, H * D]."""
     outs, lo = [], 0
-    for r in rows:
-        n = len(r.token_ids)
-        cache = state.kv.setdefault(r.key, [[] for _ in range(state.num_layers)])[layer]
+    for key, n in rows:
+        cache = kv.setdefault(key, [[] for _ in range(num_layers)])[layer]
         ks, vs = (torch.cat([cache[0], k[lo : lo + n]]), torch.cat([cache[1], v[lo : lo + n]])) if cache \
             else (k[lo : lo + n], v[lo : lo + n])
         cache[:] = [ks, vs]  # [P + n, Hkv, D]
@@ -190,6 +205,46 @@ def _train_attention(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ro
     return torch.cat(outs)
 
 
+@dataclass
+class _Stream:
+    """One layer's view of the training rows: their chunks, rope tables and K/V of earlier chunks."""
+
+    rows: list[tuple[int, int]]  # (sequence, tokens) per chunk, in row order
+    cos: torch.Tensor  # [Tt, head_dim]
+    sin: torch.Tensor
+    kv: dict[int, list[list[torch.Tensor]]]  # seq -> [layer] -> [k, v]
+    num_layers: int
+
+
+def _layer_forward(layer, i: int, x_inf: torch.Tensor, inf_rope: tuple, meta: AttentionMetadata | None, kv_cache,
+                   x_in: torch.Tensor, stream: _Stream, adapter: TrainableAdapter) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decoder layer over inference rows (no autograd; x_inf [Ti, hidden]) and training rows (autograd as
+    the caller's mode sets it; x_in [Tt, hidden]), sharing each projection's base matmul.
+    -> (x_inf, x_tr) after the layer."""
+    attn, mlp = layer.self_attn, layer.mlp
+    with torch.no_grad():
+        h_inf = layer.input_layernorm(x_inf)
+    qkv_i, qkv_t = coserved_linear(attn.qkv_proj, "self_attn.qkv_proj", i, h_inf, layer.input_layernorm(x_in), adapter)
+    with torch.no_grad():
+        a_inf = attn.paged(*attn.split_heads(qkv_i, *inf_rope), meta, kv_cache) if meta is not None \
+            else qkv_i.new_zeros(0, attn.num_heads * attn.head_dim)
+    a_tr = _train_attention(attn, *attn.split_heads(qkv_t, stream.cos, stream.sin), stream.rows, stream.kv,
+                            stream.num_layers, i)
+    o_i, o_t = coserved_linear(attn.o_proj, "self_attn.o_proj", i, a_inf, a_tr, adapter)
+    with torch.no_grad():
+        x_inf = x_inf + o_i
+        m_inf = layer.post_attention_layernorm(x_inf)
+    x_mid = x_in + o_t
+    gu_i, gu_t = coserved_linear(mlp.gate_up_proj, "mlp.gate_up_proj", i, m_inf,
+                                 layer.post_attention_layernorm(x_mid), adapter)
+    with torch.no_grad():
+        act_i = mlp.act(gu_i)
+    d_i, d_t = coserved_linear(mlp.down_proj, "mlp.down_proj", i, act_i, mlp.act(gu_t), adapter)
+    with torch.no_grad():
+        x_inf = x_inf + d_i
+    return x_inf, x_mid + d_t
+
+
 def coserved_forward(
     model: CausalLM,
     input_ids: torch.Tensor,  # [Ti] inference tokens
@@ -202,40 +257,26 @@ def coserved_forward(
 ) -> torch.Tensor:
     """Run inference rows and one chunk of each training sequence; returns the inference hidden states
     [Ti, hidden]. Training activations go to `state` (for backward) and the chunk's loss into it."""
+    keep_inputs = state.grad and state.recompute
     with torch.set_grad_enabled(state.grad):
         tr_ids = torch.tensor([t for r in rows for t in r.token_ids], dtype=torch.long)  # [Tt]
         tr_pos = torch.tensor([p for r in rows for p in range(r.start, r.start + len(r.token_ids))])
         with torch.no_grad():
             x_inf = model.model.embed_tokens(input_ids)
             x_tr = model.model.embed_tokens(tr_ids)
-            cos_i, sin_i = model.rope(positions, x_inf.dtype)
-        cos_t, sin_t = model.rope(tr_pos, x_tr.dtype)
-        for i, (layer, kv) in enumerate(zip(model.model.layers, kv_caches)):
-            x_in = x_tr.detach().requires_grad_(state.grad)  # the graph is cut at each layer boundary
-            attn, mlp = layer.self_attn, layer.mlp
-            with torch.no_grad():
-                h_inf = layer.input_layernorm(x_inf)
-            qkv_i, qkv_t = coserved_linear(attn.qkv_proj, "self_attn.qkv_proj", i, h_inf,
-                                           layer.input_layernorm(x_in), adapter)
-            with torch.no_grad():
-                a_inf = attn.paged(*attn.split_heads(qkv_i, cos_i, sin_i), meta, kv) if meta is not None \
-                    else qkv_i.new_zeros(0, attn.num_heads * attn.head_dim)
-            a_tr = _train_attention(attn, *attn.split_heads(qkv_t, cos_t, sin_t), rows, state, i)
-            o_i, o_t = coserved_linear(attn.o_proj, "self_attn.o_proj", i, a_inf, a_tr, adapter)
-            with torch.no_grad():
-                x_inf = x_inf + o_i
-                m_inf = layer.post_attention_layernorm(x_inf)
-            x_mid = x_in + o_t
-            gu_i, gu_t = coserved_linear(mlp.gate_up_proj, "mlp.gate_up_proj", i, m_inf,
-                                         layer.post_attention_layernorm(x_mid), adapter)
-            with torch.no_grad():
-                act_i = mlp.act(gu_i)
-            d_i, d_t = coserved_linear(mlp.down_proj, "mlp.down_proj", i, act_i, mlp.act(gu_t), adapter)
-            with torch.no_grad():
-                x_inf = x_inf + d_i
-            x_tr = x_mid + d_t
-            if state.grad:
-                state.layer_io[i].append((x_in, x_tr))
+            inf_rope = model.rope(positions, x_inf.dtype)
+        stream = _Stream([(r.key, len(r.token_ids)) for r in rows], *model.rope(tr_pos, x_tr.dtype), state.kv,
+                         state.num_layers)
+        if keep_inputs:
+            state.spans.extend((r.key, r.start, len(r.token_ids)) for r in rows)
+        with torch.set_grad_enabled(state.tracks_graph):
+            for i, (layer, kv) in enumerate(zip(model.model.layers, kv_caches)):
+                x_in = x_tr.detach().requires_grad_(state.tracks_graph)  # the graph is cut at each layer boundary
+                if keep_inputs:
+                    state.layer_inputs[i].append(x_in)
+                x_inf, x_tr = _layer_forward(layer, i, x_inf, inf_rope, meta, kv, x_in, stream, adapter)
+                if state.tracks_graph:
+                    state.layer_io[i].append((x_in, x_tr))
         _head_loss(model, x_tr, rows, state)
         with torch.no_grad():
             return model.model.norm(x_inf)
@@ -261,15 +302,23 @@ def _head_loss(model: CausalLM, x_tr: torch.Tensor, rows: list[TrainRows], state
         state.head.append((x_last, loss * state.loss_scale))
 
 
-def backward_layers(state: PassState, num_layers: int) -> int:
+def backward_layers(state: PassState, num_layers: int, model: CausalLM | None = None,
+                    adapter: TrainableAdapter | None = None) -> int:
     """Run backward for up to `num_layers` stages (the loss head counts as one), top layer first.
-    Returns the stages run; adapter gradients accumulate in the parameters' .grad."""
+    Returns the stages run; adapter gradients accumulate in the parameters' .grad. A recomputing pass
+    needs the model and the adapter to re-run its layers."""
     done = 0
     while done < num_layers and not state.backward_done:
         if state.next_backward is None:
             with _frozen_weights_made_once():
                 torch.autograd.backward([loss for _, loss in state.head])
+            if state.recompute:
+                state.pass_grad = torch.cat([x.grad for x, _ in state.head]).index_select(0, _pass_order(state))
+                state.head, state.kv = [], {}  # a recomputed layer makes its own K/V
             state.next_backward = state.num_layers - 1
+        elif state.recompute:
+            _recomputed_layer_backward(model, adapter, state, state.next_backward)
+            state.next_backward -= 1
         else:
             i = state.next_backward
             below = state.layer_io[i + 1] if i + 1 < state.num_layers else None
@@ -287,6 +336,43 @@ def backward_layers(state: PassState, num_layers: int) -> int:
             state.next_backward = i - 1
         done += 1
     if state.backward_done:
-        state.layer_io = []
-        state.kv = {}
+        state.layer_io, state.layer_inputs, state.kv, state.pass_grad = [], [], {}, None
     return done
+
+
+def _pass_order(state: PassState) -> torch.Tensor:
+    """Rows of the forwarded chunks (in forward order) -> pass order: each sequence's tokens contiguous and in
+    position order, sequences by key. [T] indices into the chunks' rows concatenated."""
+    offsets, lo = [], 0
+    for key, start, n in state.spans:
+        offsets.append((key, start, lo, n))
+        lo += n
+    offsets.sort()
+    return torch.cat([torch.arange(lo, lo + n) for _, _, lo, n in offsets])
+
+
+def _pass_sequences(state: PassState) -> list[tuple[int, int]]:
+    """(sequence, tokens) in pass order; each sequence was forwarded from position 0 without gaps."""
+    lengths: dict[int, int] = {}
+    for key, start, n in sorted(state.spans):
+        if start != lengths.get(key, 0):
+            raise RuntimeError(f"training sequence {key} was forwarded with a gap at position {start}")
+        lengths[key] = start + n
+    return sorted(lengths.items())
+
+
+def _recomputed_layer_backward(model: CausalLM, adapter: TrainableAdapter, state: PassState, i: int) -> None:
+    """Re-run layer i over the whole pass with autograd (one graph, every sequence at once), back-propagate
+    the gradient of its output, and leave the gradient of its input for layer i - 1 in state.pass_grad."""
+    x_in = torch.cat(state.layer_inputs[i]).index_select(0, _pass_order(state)).requires_grad_(True)  # [T, hidden]
+    state.layer_inputs[i] = []
+    sequences = _pass_sequences(state)
+    positions = torch.cat([torch.arange(n) for _, n in sequences])  # [T]
+    stream = _Stream(sequences, *model.rope(positions, x_in.dtype), {}, state.num_layers)
+    x_inf = x_in.new_zeros(0, x_in.shape[1])
+    with torch.enable_grad():
+        _, x_out = _layer_forward(model.model.layers[i], i, x_inf, (None, None), None, None, x_in, stream, adapter)
+    if x_out.requires_grad:
+        with _frozen_weights_made_once():
+            torch.autograd.backward([x_out], [state.pass_grad])
+    state.pass_grad = x_in.grad if x_in.grad is not None else torch.zeros_like(x_in)

@@ -115,7 +115,7 @@ class CoTrainer:
             if plan.kind == "forward":
                 plan.job.after_forward(plan.batch.rows)
             else:
-                plan.job.backward(plan.stages)
+                plan.job.backward(plan.stages, self.model)
         except Exception as exc:  # noqa: BLE001 - a job's failure stays with the job
             self.fail(plan.job, exc)
             return None

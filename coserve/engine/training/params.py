@@ -182,6 +182,12 @@ class TrainableAdapter(nn.Module):
         if not self.parts:
             raise ValueError("the adapter spec selects no module of the base model")
 
+    @property
+    def recomputable(self) -> bool:
+        """Whether a layer's forward may be re-run at backward time: every forward of a token-selective module
+        counts its gated tokens and may move an unset threshold, so those keep their forward's graph."""
+        return all(part.gate is None for part in self.parts.values())
+
     def module(self, layer: int, module: str) -> TrainableModule | None:
         return self.parts[f"{layer}:{module}"] if f"{layer}:{module}" in self.parts else None
 

@@ -133,7 +133,10 @@ class TrainingJob:
         return sum(len(s.token_ids) for s in self.pass_samples)
 
     def forward_rows(self, budget: int) -> list[TrainRows]:
-        """Chunks of the pass's sequences, in order, up to `budget` tokens."""
+        """Chunks of the pass's sequences, in order, up to `budget` tokens. A training pass that will not be
+        forwarded in one chunk recomputes its layers at backward time (see coforward)."""
+        if self.pass_.grad and not any(self.forwarded.values()):
+            self.pass_.recompute = budget < self.pass_tokens and self.adapter.recomputable
         rows = []
         for key, sample in enumerate(self.pass_samples):
             done = self.forwarded[key]
@@ -165,8 +168,8 @@ class TrainingJob:
                 self.phase = "done" if self.progress.step >= self.total_steps else "train"
                 self._finish_if_done()
 
-    def backward(self, stages: int) -> None:
-        backward_layers(self.pass_, stages)
+    def backward(self, stages: int, model) -> None:
+        backward_layers(self.pass_, stages, model, self.adapter)
         if not self.pass_.backward_done:
             return
         self.batch_loss += self.pass_.loss_sum
